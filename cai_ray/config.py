@@ -1,0 +1,507 @@
+"""Typed configuration: dataclass defaults <- YAML <- ``key=value`` overrides.
+
+Defaults live only in these dataclasses.  A YAML file and command-line
+overrides are merged onto them with OmegaConf structured configs, so unknown
+keys and wrong types fail at load time, and ``validate()`` then checks values
+and cross-field rules.  Every failure is a ``ConfigError`` whose message is one
+line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+STAGES = ("generate", "sft", "dpo", "evaluate")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is a single line naming the key."""
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; use one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: float, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key}={value} must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def _fraction(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key}={value} must lie in [0, 1]")
+
+
+@dataclass
+class ModelConfig:
+    # Hub id or local folder in Hugging Face layout.
+    path: str = MISSING
+    # "base" models get the few-shot Human/Assistant format, "instruct" models
+    # their own chat template: the format follows the role, never a guess.
+    role: str = "base"
+    dtype: str = "float32"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+    def validate(self, key: str = "model") -> None:
+        if not self.path:
+            raise ConfigError(f"{key}.path is empty; set it to a hub id or a local model folder")
+        _choice(f"{key}.role", self.role, ("base", "instruct"))
+        _choice(f"{key}.dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "hf"
+    device: str = "auto"
+    batch_size: int = 16
+    # vLLM only; ignored by the hf backend.
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    max_model_len: Optional[int] = None
+    max_lora_rank: int = 16
+    # GiB of KV cache for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kv_cache_gib: int = 1
+
+    def validate(self, key: str = "engine") -> None:
+        _choice(f"{key}.backend", self.backend, ("hf", "vllm"))
+        _choice(f"{key}.device", self.device, ("auto", "cpu", "cuda"))
+        _positive(f"{key}.batch_size", self.batch_size)
+        _positive(f"{key}.tensor_parallel_size", self.tensor_parallel_size)
+        if self.tensor_parallel_size > 1 and self.device == "cpu":
+            raise ConfigError(f"{key}.tensor_parallel_size={self.tensor_parallel_size} needs GPUs; "
+                              f"set {key}.tensor_parallel_size=1 or {key}.device=cuda")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"{key}.gpu_memory_utilization must lie in (0, 1]")
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    # Per-row seeds derive from this seed and the row id, so results do not
+    # depend on how rows were batched or sharded.
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _positive(f"{key}.temperature", self.temperature, zero_ok=True)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{key}.top_p={self.top_p} must lie in (0, 1]")
+        _positive(f"{key}.max_new_tokens", self.max_new_tokens)
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(f"{key}.min_new_tokens must lie in [0, {key}.max_new_tokens]")
+
+
+@dataclass
+class DataConfig:
+    # "samples:NAME" (shipped with the repo), a .jsonl/.parquet file, a local
+    # Hugging Face dataset folder, or a hub id (needs network).
+    source: str = "samples:red_team"
+    split: str = "train"
+    # Column holding the prompt; "chosen" with layout=hh-rlhf.
+    field: str = "prompt"
+    layout: str = "plain"
+    # hh-rlhf only: the first Human turn, or every turn up to the last Assistant.
+    hh_mode: str = "first_turn"
+    limit: Optional[int] = None
+    dedupe: bool = True
+
+    def validate(self, key: str = "data") -> None:
+        if not self.source:
+            raise ConfigError(f"{key}.source is empty; give a file, folder, hub id or samples:NAME")
+        _choice(f"{key}.layout", self.layout, ("plain", "hh-rlhf"))
+        _choice(f"{key}.hh_mode", self.hh_mode, ("first_turn", "prefix"))
+        if self.limit is not None:
+            _positive(f"{key}.limit", self.limit)
+
+
+@dataclass
+class QualityConfig:
+    """Collapse-guard thresholds (see cai_ray/quality.py); a text past any is flagged."""
+
+    min_chars: int = 3                       # stripped length below this is flagged
+    ngram: int = 3                           # word n-gram size for the repetition measure
+    max_repeated_ngram_frac: float = 0.3     # share of n-grams that repeat an earlier one
+    max_repeated_line_run: int = 2           # identical consecutive non-blank lines allowed
+    max_symbol_run: int = 5                  # emoji/symbols in a row allowed
+    max_compression_ratio: float = 4.0       # raw/zlib bytes; prose is about 2-3
+    compression_min_chars: int = 200         # below this zlib overhead makes the ratio meaningless
+
+    def validate(self, key: str) -> None:
+        _fraction(f"{key}.max_repeated_ngram_frac", self.max_repeated_ngram_frac)
+        _positive(f"{key}.ngram", self.ngram)
+        _positive(f"{key}.max_compression_ratio", self.max_compression_ratio)
+
+
+@dataclass
+class GenerateConfig:
+    constitution: str = "default"
+    # Number of few-shot examples before each prompt (k).
+    few_shot: int = 2
+    rounds: int = 1
+    actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    batch_size: int = 16
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    # The job fails only when more rows than this fraction end as errors.
+    max_error_rate: float = 0.05
+    # Eval sets whose prompts must not appear in the generation prompts.
+    heldout_sets: list[str] = field(default_factory=list)
+
+    def validate(self, key: str = "generate") -> None:
+        _positive(f"{key}.few_shot", self.few_shot, zero_ok=True)
+        _positive(f"{key}.rounds", self.rounds)
+        _positive(f"{key}.actors", self.actors)
+        _positive(f"{key}.batch_size", self.batch_size)
+        _positive(f"{key}.num_gpus_per_actor", self.num_gpus_per_actor, zero_ok=True)
+        _fraction(f"{key}.max_error_rate", self.max_error_rate)
+        self.sampling.validate(f"{key}.sampling")
+        self.quality.validate(f"{key}.quality")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def validate(self, key: str) -> None:
+        if self.enabled:
+            _positive(f"{key}.r", self.r)
+            _fraction(f"{key}.dropout", self.dropout)
+            if not self.target_modules:
+                raise ConfigError(f"{key}.target_modules is empty; name the modules to adapt, e.g. [q_proj,v_proj]")
+
+
+@dataclass
+class TrainConfig:
+    """How training runs: shared by the sft and dpo stages."""
+
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    precision: str = "fp32"
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 512
+    checkpoint_every: int = 50
+    # Metrics go to MLflow every N steps; ray.train.report is a barrier.
+    log_every: int = 10
+    max_failures: int = 1
+    # A fresh run never picks up an older checkpoint unless this is true.
+    resume: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self, key: str = "train") -> None:
+        _positive(f"{key}.workers", self.workers)
+        _choice(f"{key}.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice(f"{key}.precision", self.precision, ("fp32", "bf16", "fp16"))
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ConfigError(f"{key}.precision=fp16 is not supported on CPU; use {key}.precision=bf16 "
+                              f"or fp32, or {key}.use_gpu=true")
+        for name in ("batch_size", "grad_accum", "max_length", "checkpoint_every", "log_every"):
+            _positive(f"{key}.{name}", getattr(self, name))
+        _positive(f"{key}.max_failures", self.max_failures, zero_ok=True)
+        self.lora.validate(f"{key}.lora")
+
+
+@dataclass
+class SFTConfig:
+    # (prompt, completion) rows; None means the sft output of the generate stage.
+    data: Optional[str] = None
+    lr: float = 2e-4
+    epochs: int = 1
+    # Stop after this many optimizer steps (-1: run the epochs).
+    max_steps: int = -1
+    merge: bool = False
+
+    def validate(self, key: str = "sft") -> None:
+        _positive(f"{key}.lr", self.lr)
+        _positive(f"{key}.epochs", self.epochs)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"{key}.max_steps={self.max_steps} must be > 0, or -1 to run the epochs")
+
+
+@dataclass
+class DPOConfig:
+    # (prompt, chosen, rejected[, label]) rows; None means the generate stage's pairs.
+    data: Optional[str] = None
+    # The frozen reference/starting policy; None means the sft stage's adapter.
+    sft_adapter: Optional[str] = None
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    lr: float = 5e-5
+    epochs: int = 1
+    max_steps: int = -1
+    merge: bool = False
+
+    def validate(self, key: str = "dpo") -> None:
+        _choice(f"{key}.loss", self.loss, ("sigmoid", "ipo", "soft"))
+        _positive(f"{key}.beta", self.beta)
+        _positive(f"{key}.lr", self.lr)
+        _positive(f"{key}.epochs", self.epochs)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"{key}.max_steps={self.max_steps} must be > 0, or -1 to run the epochs")
+
+
+@dataclass
+class JudgeConfig:
+    # Empty until an evaluate-type stage needs it (see Config.require).
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(path="", role="instruct"))
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=64))
+    harm_rubric: str = "strongreject"
+    replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    host: str = "127.0.0.1"
+    port: int = 8321
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.05
+    max_ongoing_requests: int = 64
+    max_queued_requests: int = 512
+    max_request_chars: int = 20000
+
+    def validate(self, key: str = "judge") -> None:
+        if self.model.path:
+            self.model.validate(f"{key}.model")
+        self.engine.validate(f"{key}.engine")
+        self.sampling.validate(f"{key}.sampling")
+        _choice(f"{key}.harm_rubric", self.harm_rubric, ("strongreject", "yes_no", "predecessor"))
+        _positive(f"{key}.replicas", self.replicas)
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"{key}.port={self.port} must lie in 1..65535")
+        for name in ("max_batch_size", "max_ongoing_requests", "max_queued_requests", "max_request_chars"):
+            _positive(f"{key}.{name}", getattr(self, name))
+
+
+@dataclass
+class ArmConfig:
+    name: str = MISSING
+    # Model folder or hub id; None means the pipeline's base model.
+    model: Optional[str] = None
+    role: str = "base"
+    # None, "sft", "dpo" (this pipeline's adapters) or a path to a PEFT folder.
+    adapter: Optional[str] = None
+    # "few_shot" for the shared Human/Assistant format, "chat" for the chat template.
+    format: str = "few_shot"
+
+    def validate(self, key: str) -> None:
+        _choice(f"{key}.format", self.format, ("few_shot", "chat"))
+        _choice(f"{key}.role", self.role, ("base", "instruct"))
+        if self.format == "chat" and self.role != "instruct":
+            raise ConfigError(f"{key}.format=chat needs an instruct model; set {key}.role=instruct "
+                              f"or {key}.format=few_shot")
+
+
+@dataclass
+class EvaluateConfig:
+    sets: list[str] = field(default_factory=lambda: ["samples:red_team_eval", "samples:benign_eval"])
+    arms: list[ArmConfig] = field(default_factory=lambda: [ArmConfig(name="base")])
+    samples_per_prompt: int = 1
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Normalised 8-gram overlap with any training prompt above this refuses to run.
+    overlap_threshold: float = 0.5
+    max_garbage_rate: float = 0.5
+    max_parse_failure_rate: float = 0.2
+    bootstrap: int = 2000
+
+    def validate(self, key: str = "evaluate") -> None:
+        if not self.sets:
+            raise ConfigError(f"{key}.sets is empty; name at least one eval set")
+        if not self.arms:
+            raise ConfigError(f"{key}.arms is empty; add at least one arm")
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{key}.arms has duplicate names {names}; give every arm its own name")
+        for i, arm in enumerate(self.arms):
+            arm.validate(f"{key}.arms[{i}]")
+        _positive(f"{key}.samples_per_prompt", self.samples_per_prompt)
+        self.sampling.validate(f"{key}.sampling")
+        for name in ("overlap_threshold", "max_garbage_rate", "max_parse_failure_rate"):
+            _fraction(f"{key}.{name}", getattr(self, name))
+
+
+@dataclass
+class SweepConfig:
+    sizes: list[int] = field(default_factory=lambda: [42, 1000, 10000, 161000])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # Points (DPO + evaluate) running at once when the cluster has room.
+    concurrency: int = 1
+
+    def validate(self, key: str = "sweep") -> None:
+        if not self.sizes or any(s <= 0 for s in self.sizes):
+            raise ConfigError(f"{key}.sizes={self.sizes} must be a non-empty list of positive pair counts")
+        if not self.seeds:
+            raise ConfigError(f"{key}.seeds is empty; give at least one seed")
+        _positive(f"{key}.concurrency", self.concurrency)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # None means sqlite:///{output_dir}/mlflow.db.
+    uri: Optional[str] = None
+    experiment: str = "cai_ray"
+
+    def validate(self, key: str = "tracking") -> None:
+        if not self.experiment:
+            raise ConfigError(f"{key}.experiment is empty; name the MLflow experiment")
+
+
+@dataclass
+class RuntimeConfig:
+    # None: RAY_ADDRESS if set (also inside a Ray Job), else a private local Ray.
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+    # Local Ray only: keep every Ray port on 127.0.0.1.
+    loopback: bool = True
+    temp_dir: Optional[str] = None
+    # Ray Train storage; None means {output_dir}/ray_storage.  Made absolute.
+    storage_path: Optional[str] = None
+
+    def validate(self, key: str = "runtime") -> None:
+        if self.num_cpus is not None:
+            _positive(f"{key}.num_cpus", self.num_cpus)
+
+
+@dataclass
+class Config:
+    name: str = "cai_ray"
+    output_dir: str = "outputs"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def validate(self) -> "Config":
+        if not self.output_dir:
+            raise ConfigError("output_dir is empty; set it to a folder for the outputs")
+        for f in fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        return self
+
+    def require(self, stage: str) -> "Config":
+        """Checks that only matter when ``stage`` runs (a generate-only config needs no judge)."""
+        if stage in ("evaluate", "serve-judge", "run", "sweep") and not self.judge.model.path:
+            raise ConfigError("judge.model.path is empty; the evaluate stage needs a judge model "
+                              "(set judge.model.path=... and judge.model.role=instruct|base)")
+        return self
+
+    @property
+    def output_root(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{self.output_root / 'mlflow.db'}"
+
+    @property
+    def storage_path(self) -> Path:
+        return Path(self.runtime.storage_path or self.output_root / "ray_storage").expanduser().resolve()
+
+
+def _first_line(exc: OmegaConfBaseException) -> str:
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    key = getattr(exc, "full_key", None)
+    if type(exc).__name__ == "MissingMandatoryValue" and key:
+        return f"{key}: required value is missing; set it in the YAML or as {key}=..."
+    return f"{key}: {msg}" if key else msg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Merge defaults <- YAML file <- ``key=value`` overrides, then validate."""
+    layers = [OmegaConf.structured(Config)]
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            layers.append(OmegaConf.load(p))
+        except Exception as exc:  # yaml syntax errors carry multi-line context
+            raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. generate.rounds=3)")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_first_line(exc)) from None
+    return cfg.validate()
+
+
+def to_dict(cfg: Any) -> dict:
+    return asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# Which sections decide a stage's output.  Resources (actors, workers, ports)
+# are left out so a rerun on a bigger cluster resumes instead of starting over.
+STAGE_SECTIONS = {
+    "generate": ("seed", "model", "engine", "data", "generate"),
+    "sft": ("seed", "model", "train", "sft"),
+    "dpo": ("seed", "model", "train", "dpo"),
+    "evaluate": ("seed", "model", "engine", "judge", "evaluate"),
+}
+RESOURCE_KEYS = {
+    "engine": ("batch_size", "tensor_parallel_size", "gpu_memory_utilization", "cpu_kv_cache_gib"),
+    "generate": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size"),
+    "train": ("workers", "use_gpu", "cpus_per_worker", "max_failures", "resume", "log_every",
+              "checkpoint_every"),
+    "judge": ("replicas", "num_cpus", "num_gpus", "host", "port", "max_ongoing_requests",
+              "max_queued_requests"),
+}
+
+
+def stage_hash(cfg: Config, stage: str, upstream: tuple[str, ...] = ()) -> str:
+    """Hash of what decides ``stage``'s output, plus the hashes of its inputs."""
+    if stage not in STAGE_SECTIONS:
+        raise ConfigError(f"stage {stage!r} is unknown; use one of {', '.join(STAGE_SECTIONS)}")
+    full = to_dict(cfg)
+    picked = {}
+    for name in STAGE_SECTIONS[stage]:
+        value = full[name]
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in RESOURCE_KEYS.get(name, ())}
+        picked[name] = value
+    picked["upstream"] = list(upstream)
+    blob = json.dumps(picked, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def stage_dir(cfg: Config, stage: str, upstream: tuple[str, ...] = ()) -> Path:
+    return cfg.output_root / stage / stage_hash(cfg, stage, upstream)

@@ -1,0 +1,1 @@
+"""Training pieces: losses (pure torch), LoRA, DeepSpeed config, per-worker loops."""

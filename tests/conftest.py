@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny offline models, a local Ray, an MLflow sqlite store.
+
+The environment is fixed here, before anything imports ray, so every Ray
+process the tests start stays on 127.0.0.1 and nothing reaches a hub.
+"""
+
+import os
+
+from cai_ray.runtime import BASE_ENV, LOOPBACK_ENV
+
+for _key, _value in {**BASE_ENV, **LOOPBACK_ENV}.items():
+    os.environ.setdefault(_key, _value)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    from cai_ray.tiny import build_tiny
+
+    return str(build_tiny(tmp_path_factory.mktemp("models") / "tiny-base", "base"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory):
+    from cai_ray.tiny import build_tiny
+
+    return str(build_tiny(tmp_path_factory.mktemp("models") / "tiny-chat", "chat"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One private local Ray (2 CPUs) shared by the integration tests."""
+    import ray
+
+    from cai_ray.config import load_config
+    from cai_ray.runtime import init_ray
+
+    root = tmp_path_factory.mktemp("ray")
+    cfg = load_config(None, [f"model.path={root}", f"output_dir={root}", "runtime.num_cpus=2"])
+    init_ray(cfg)
+    yield cfg
+    ray.shutdown()
+
+
+def make_config(tmp_path, model_path, *overrides):
+    """A validated config writing under ``tmp_path``, with test-sized resources."""
+    from cai_ray.config import load_config
+
+    return load_config(None, [f"model.path={model_path}", f"output_dir={tmp_path / 'out'}",
+                              "runtime.num_cpus=2", *overrides])
