@@ -14,7 +14,12 @@ import sys
 import traceback
 
 # name -> (module, help).  Add a stage here when its module lands.
-STAGES: dict[str, tuple[str, str]] = {}
+STAGES: dict[str, tuple[str, str]] = {
+    "generate": ("cai_ray.stages.generate",
+                 "few-shot critique/revision chains, SFT rows and preference pairs (Ray Data)"),
+    "serve-judge": ("cai_ray.stages.serve_judge",
+                    "run the judge on Ray Serve (HTTP on judge.host:judge.port) until Ctrl-C"),
+}
 # Tool commands with their own argument parsing: name -> (module:function, help).
 TOOLS: dict[str, tuple[str, str]] = {
     "tiny-model": ("cai_ray.tiny:main", "build the tiny offline Llama + tokenizer in a folder"),
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in TOOLS:
         return _call(TOOLS[argv[0]][0], argv[1:]) or 0
     args = _parser().parse_args(argv)
+    # MLflow announces its database migrations on stderr; keep errors one line.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         from cai_ray.config import load_config, to_yaml
 

@@ -61,9 +61,15 @@ def _turn(role: str, text: str | None = None) -> str:
 
 
 def conversation_prompt(prompt: str) -> str:
-    """``\\n\\nHuman: {prompt}\\n\\nAssistant:`` — the one prompt format for generation, SFT and pairs."""
+    """``\\n\\nHuman: {prompt}\\n\\nAssistant:`` — the one prompt format for generation, SFT and pairs.
+
+    A prompt that already is a formatted conversation prefix (hh-rlhf with
+    ``data.hh_mode=prefix``) is kept as it is rather than wrapped twice.
+    """
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must be non-empty text")
+    if prompt.startswith(f"\n\n{HUMAN}:") and prompt.endswith(f"\n\n{ASSISTANT}:"):
+        return prompt
     return _turn(HUMAN, prompt) + _turn(ASSISTANT)
 
 

@@ -1,0 +1,224 @@
+"""The transformers backend: batched left-padded decoding with our own loop.
+
+Why not ``model.generate``: we need per-row seeds whose samples do not depend
+on which batch a row lands in, exact per-row token counts, and stop strings
+checked only on generated text.  The loop below is what ``generate`` does for
+a decoder with a KV cache, minus the generality.
+
+Sampling draws one uniform number per row and step from a NumPy generator
+seeded with the row's seed, and picks the token by inverse CDF over the
+(temperature-scaled, top-p-truncated) distribution.  A row's draws therefore
+depend only on its seed and step, never on its neighbours.  The trade-off: the
+same seed gives different text than vLLM's sampler (only greedy output is
+comparable across backends), and top-p < 1 costs a vocabulary sort per step.
+Rows are padded to the longest prompt of their chunk, so logits differ from an
+unbatched run by float rounding only; a sampled row can flip only when its
+uniform lands within rounding distance of a CDF boundary.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cai_ray.config import EngineConfig, ModelConfig, SamplingConfig
+from cai_ray.engines.base import (Completion, TokenizedEngine, cpu_only, find_stop,
+                                  read_adapter_config, row_seeds)
+
+
+class HFEngine(TokenizedEngine):
+    def __init__(self, model: ModelConfig, engine: EngineConfig):
+        super().__init__(model, engine)
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device("cpu" if cpu_only(engine) else "cuda")
+        dtype = "auto" if model.dtype == "auto" else getattr(torch, model.dtype)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.path, dtype=dtype, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"model.path={model.path}: cannot load the model "
+                             f"({str(exc).strip().splitlines()[0]})") from None
+        self.model.to(self.device).eval()
+        limits = [getattr(self.model.config, "max_position_embeddings", None), engine.max_model_len]
+        self.context = min(x for x in limits if x)
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        eos = self.model.generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        self.eos = sorted({i for i in eos + [tok.eos_token_id] if i is not None})
+        self._eos_t = torch.tensor(self.eos, device=self.device, dtype=torch.long)
+        self._peft = None
+        self._adapters: dict[str, str] = {}  # resolved folder -> peft adapter name
+
+    # -- public API ---------------------------------------------------------------
+
+    def generate(self, prompts: list[str], params: SamplingConfig, seeds: list[int] | None = None,
+                 stop: list[str] | None = None, adapter: str | None = None) -> list[Completion]:
+        ids, done = self.prepare(prompts, params)
+        seeds = row_seeds(seeds, params, len(prompts))
+        # Similar lengths share a chunk, so little compute goes to padding.
+        todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: len(ids[i]))
+        bs = self.engine_cfg.batch_size
+        with self._use_adapter(adapter), torch.inference_mode():
+            for start in range(0, len(todo), bs):
+                chunk = todo[start:start + bs]
+                rows = self._decode([ids[i] for i in chunk], params, [seeds[i] for i in chunk], stop)
+                done.update(zip(chunk, rows))
+        return [done[i] for i in range(len(prompts))]
+
+    def score(self, prompts: list[str], continuations: list[str], adapter: str | None = None) -> list[float]:
+        """Summed log-probs of each continuation given its prompt; NaN for a row
+        that cannot be scored (empty prompt, or longer than the context)."""
+        rows = self.score_ids(prompts, continuations)
+        out = [math.nan] * len(rows)
+        todo = sorted((i for i, r in enumerate(rows) if r is not None), key=lambda i: len(rows[i][0]))
+        bs = self.engine_cfg.batch_size
+        with self._use_adapter(adapter), torch.inference_mode():
+            for start in range(0, len(todo), bs):
+                chunk = todo[start:start + bs]
+                for i, value in zip(chunk, self._score_batch([rows[i] for i in chunk])):
+                    out[i] = value
+        return out
+
+    def close(self) -> None:
+        self.model = self._peft = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- internals ----------------------------------------------------------------
+
+    def _left_pad(self, rows: list[list[int]]):
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        # Positions count real tokens only, so a padded row sees the same
+        # positions as it would alone.
+        return ids, mask, (mask.cumsum(-1) - 1).clamp_(min=0)
+
+    def _decode(self, rows: list[list[int]], params: SamplingConfig, seeds: list[int],
+                stop: list[str] | None) -> list[Completion]:
+        n, steps, floor = len(rows), params.max_new_tokens, params.min_new_tokens
+        ids, mask, pos = self._left_pad(rows)
+        uniforms = None
+        if params.temperature > 0:
+            draws = [np.random.default_rng(s % 2**64).random(steps, dtype=np.float32) for s in seeds]
+            uniforms = torch.from_numpy(np.stack(draws)).to(self.device)
+        window = max((len(s.encode()) for s in stop or () if s), default=0) + 1
+        gen = torch.full((n, steps), self.pad_id, dtype=torch.long, device=self.device)
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        lengths = torch.full((n,), steps, dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        for step in range(steps):
+            logits = out.logits[:, -1, :]
+            if step < floor:
+                logits = logits.index_fill(-1, self._eos_t, -math.inf)
+            tok = self._pick(logits, params, None if uniforms is None else uniforms[:, step])
+            gen[:, step] = tok
+            if step + 1 >= floor:
+                finished = torch.isin(tok, self._eos_t) & ~done
+                if window > 1:
+                    finished |= self._stop_hits(gen, step, done | finished, stop, window)
+                lengths[finished] = step + 1
+                done |= finished
+                if bool(done.all()):
+                    break
+            if step + 1 == steps:
+                break
+            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                             past_key_values=out.past_key_values, use_cache=True)
+        return self._finish(rows, gen.tolist(), lengths.tolist(), params, stop)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, params: SamplingConfig, uniform: torch.Tensor | None) -> torch.Tensor:
+        if uniform is None:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+        order = None
+        if params.top_p < 1:
+            probs, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always).
+            probs = probs * ((probs.cumsum(-1) - probs) < params.top_p)
+        cdf = probs.cumsum(-1)
+        pick = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1), right=True)
+        pick = pick.clamp_(max=cdf.shape[-1] - 1)
+        return (pick if order is None else order.gather(-1, pick)).squeeze(-1)
+
+    def _stop_hits(self, gen: torch.Tensor, step: int, skip: torch.Tensor, stop: list[str],
+                   window: int) -> torch.Tensor:
+        """Rows whose newest token completes a stop string.  Only a short tail is
+        decoded: a stop string of b bytes spans at most b byte-level tokens."""
+        hits = torch.zeros_like(skip)
+        active = (~skip).nonzero().flatten().tolist()
+        if not active:
+            return hits
+        tails = gen[active, max(0, step + 1 - window):step + 1].tolist()
+        cur = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        prev = self.tokenizer.batch_decode([t[:-1] for t in tails], skip_special_tokens=True)
+        for row, before, now in zip(active, prev, cur):
+            # A dangling partial UTF-8 character decodes as U+FFFD and is not text yet.
+            if find_stop(now, stop, len(before.rstrip("\ufffd"))) is not None:
+                hits[row] = True
+        return hits
+
+    def _finish(self, rows, gen, lengths, params, stop) -> list[Completion]:
+        eos = set(self.eos)
+        bodies, ended = [], []
+        for toks, n in zip(gen, lengths):
+            hit_eos = n > 0 and toks[n - 1] in eos
+            ended.append(hit_eos)
+            bodies.append(toks[:n - 1] if hit_eos else toks[:n])
+        texts = self.tokenizer.batch_decode(bodies, skip_special_tokens=True)
+        floors = [0] * len(rows)
+        if stop and params.min_new_tokens > 1:
+            heads = [toks[:params.min_new_tokens - 1] for toks in gen]
+            floors = [len(t) for t in self.tokenizer.batch_decode(heads, skip_special_tokens=True)]
+        out = []
+        for row, text, n, hit_eos, floor in zip(rows, texts, lengths, ended, floors):
+            cut = find_stop(text, stop, floor)
+            # Without a cut, drop a trailing partial UTF-8 character as vLLM's
+            # incremental detokenizer does, so both backends return the same text.
+            text = text[:cut] if cut is not None else text.rstrip("\ufffd")
+            reason = "stop" if hit_eos or cut is not None else "length"
+            out.append(Completion(text=text, prompt_tokens=len(row), completion_tokens=n, finish_reason=reason))
+        return out
+
+    def _score_batch(self, rows: list[tuple[list[int], int]]) -> list[float]:
+        ids, mask, pos = self._left_pad([full for full, _ in rows])
+        cont = torch.tensor([len(full) - n_prompt for full, n_prompt in rows], device=self.device)
+        keep = int(cont.max()) + 1
+        # Left padding puts every continuation at the end, so only the last
+        # ``keep`` positions' logits are needed.
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                            logits_to_keep=keep).logits.float()
+        logp = logits[:, :-1].log_softmax(-1)
+        targets = ids[:, ids.shape[1] - keep + 1:]
+        token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        in_cont = torch.arange(keep - 1, device=self.device)[None, :] >= (keep - 1 - cont)[:, None]
+        return torch.where(in_cont, token_lp, 0.0).sum(-1).tolist()
+
+    def _use_adapter(self, adapter: str | None):
+        """Activate ``adapter`` (a PEFT folder, loaded once) or the base weights."""
+        if adapter is None:
+            return self._peft.disable_adapter() if self._peft is not None else nullcontext()
+        key = str(Path(adapter).expanduser().resolve())
+        if key not in self._adapters:
+            from peft import PeftModel
+
+            read_adapter_config(adapter)
+            name = f"adapter{len(self._adapters)}"  # module keys may not contain dots
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self.model, key, adapter_name=name).eval()
+            else:
+                self._peft.load_adapter(key, adapter_name=name)
+            self._adapters[key] = name
+        self._peft.set_adapter(self._adapters[key])
+        return nullcontext()

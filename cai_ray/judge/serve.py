@@ -1,0 +1,228 @@
+"""The judge as a Ray Serve application: one engine per replica, requests batched.
+
+Requests arrive over HTTP (POST JSON to ``http://HOST:PORT/judge``) or through a
+``DeploymentHandle`` (``serve.get_app_handle("judge").score.remote(dict)``); both
+paths validate with the same schema and return the same body:
+
+    verdict  {id, rubric, value, parse_ok, raw, error, fields}
+    rejected {id, status, error}     (HTTP: the same status code; no retry helps)
+
+The prompt format follows ``judge.model.role`` and is fixed when a replica
+starts: an instruct judge always sees the rubric's chat messages through its
+own chat template, a base judge the rubric's few-shot text, cut at the next
+``Human:`` turn.  ``POST /judge/render`` returns the exact prompt text for a
+request, so the format can be checked from outside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.error
+import urllib.request
+import zlib
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from ray import serve
+
+from cai_ray.config import JudgeConfig
+from cai_ray.judge.rubrics import RUBRICS, get_rubric
+
+APP_NAME = "judge"
+ROUTE_PREFIX = "/judge"
+# A base judge that keeps going writes the next few-shot turn; it is not part of the verdict.
+BASE_STOP = ["\n\nHuman:"]
+# JSON escapes can grow a character to 6 bytes ("\uXXXX"); past this a body is refused unread.
+_BODY_BYTES_PER_CHAR = 6
+_BODY_SLACK = 64 * 1024
+
+
+class JudgeRequest(BaseModel):
+    """One row to judge.  Strict: no coercion, no unknown keys."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    rubric: Literal[tuple(RUBRICS)]  # type: ignore[valid-type]
+    prompt: str
+    response: str
+    style: Optional[str] = None
+    id: Optional[str] = None
+
+
+class RequestError(ValueError):
+    """A request the judge refuses; ``status`` is the HTTP code that says why."""
+
+    def __init__(self, status: int, reason: str, request_id: str | None = None):
+        super().__init__(reason)
+        self.status, self.reason, self.request_id = status, reason, request_id
+
+    def body(self) -> dict:
+        return {"id": self.request_id, "status": self.status, "error": self.reason}
+
+
+def _validation_reason(exc: ValidationError) -> tuple[int, str]:
+    errors = exc.errors(include_url=False)
+    if any(e["type"] == "json_invalid" for e in errors):
+        return 400, f"body is not valid JSON ({errors[0]['msg']})"
+    parts = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors]
+    return 422, "; ".join(parts)
+
+
+def parse_request(payload: Any, max_chars: int) -> JudgeRequest:
+    """Validate a dict (handle) or raw JSON bytes (HTTP); RequestError says what is wrong."""
+    raw = isinstance(payload, (bytes, bytearray))
+    if raw and len(payload) > max_chars * _BODY_BYTES_PER_CHAR + _BODY_SLACK:
+        raise RequestError(413, f"body has {len(payload)} bytes; judge.max_request_chars is {max_chars}")
+    try:
+        req = JudgeRequest.model_validate_json(payload) if raw else JudgeRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise RequestError(*_validation_reason(exc), payload.get("id") if isinstance(payload, dict) else None)
+    if not req.prompt.strip():
+        raise RequestError(422, "prompt: is empty", req.id)
+    size = len(req.prompt) + len(req.response)
+    if size > max_chars:
+        raise RequestError(413, f"prompt+response have {size} characters; judge.max_request_chars "
+                                f"is {max_chars}", req.id)
+    return req
+
+
+@serve.deployment(name="JudgeDeployment")
+class JudgeDeployment:
+    def __init__(self, judge: JudgeConfig):
+        from cai_ray.engines import make_engine
+
+        self.judge = judge
+        self._failure: str | None = None
+        self._engine = make_engine(judge.model, judge.engine)
+        if judge.model.role == "instruct":
+            # Fails here, at start-up, for a model without a chat template.
+            self._engine.chat_format([{"role": "user", "content": "x"}])
+            self.format, self._stop = "chat", None
+        else:
+            self.format, self._stop = "fewshot", list(BASE_STOP)
+        self._generate.set_max_batch_size(judge.max_batch_size)
+        self._generate.set_batch_wait_timeout_s(judge.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        if self._engine is None:
+            raise RuntimeError("judge engine is not loaded")
+        if self._failure:
+            # Serve replaces an unhealthy replica; an engine that raised is not trusted again.
+            raise RuntimeError(f"judge engine failed: {self._failure}")
+
+    def _prompt(self, req: JudgeRequest) -> str:
+        rubric = get_rubric(req.rubric)
+        try:
+            if self.format == "chat":
+                return self._engine.chat_format(rubric.messages(req.prompt, req.response, req.style))
+            return rubric.fewshot(req.prompt, req.response, req.style)
+        except ValueError as exc:  # unknown style, or a style given to a rubric without one
+            raise RequestError(422, str(exc), req.id) from None
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)  # set from config in __init__
+    async def _generate(self, prompts: list[str]) -> list:
+        # Seeds follow the prompt text, so a sampled verdict does not depend on its batch-mates.
+        seeds = [self.judge.sampling.seed + zlib.crc32(p.encode()) for p in prompts]
+        try:
+            # In a thread: the replica keeps taking requests (and filling the next batch) meanwhile.
+            return await asyncio.to_thread(self._engine.generate, prompts, self.judge.sampling,
+                                           seeds=seeds, stop=self._stop)
+        except Exception as exc:
+            self._failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise
+
+    async def score(self, payload: dict) -> dict:
+        """Handle entry point: a verdict, or a rejection body with its status."""
+        try:
+            req = parse_request(payload, self.judge.max_request_chars)
+            done = await self._generate(self._prompt(req))
+        except RequestError as exc:
+            return exc.body()
+        if done.finish_reason == "error":
+            return RequestError(413, f"judge could not run the prompt: {done.error}", req.id).body()
+        verdict = get_rubric(req.rubric).parse(done.text)
+        return {"id": req.id, "rubric": req.rubric, "value": verdict.value, "parse_ok": verdict.parse_ok,
+                "raw": verdict.raw, "error": verdict.error, "fields": verdict.fields}
+
+    async def render(self, payload: dict) -> dict:
+        """The exact prompt the judge model would see for ``payload``."""
+        try:
+            req = parse_request(payload, self.judge.max_request_chars)
+            return {"id": req.id, "format": self.format, "prompt": self._prompt(req), "stop": self._stop}
+        except RequestError as exc:
+            return exc.body()
+
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse
+
+        sub = request.url.path[len(request.scope.get("root_path", "")):].strip("/")
+        if request.method == "GET" and sub == "healthz":
+            return JSONResponse({"ok": self._failure is None, "format": self.format,
+                                 "model": self.judge.model.path})
+        if request.method != "POST" or sub not in ("", "render"):
+            return JSONResponse({"status": 404, "error": f"no route {request.method} /{sub}; "
+                                 "use POST / (score), POST /render or GET /healthz"}, status_code=404)
+        try:
+            req = parse_request(await request.body(), self.judge.max_request_chars)
+            body = await (self.render if sub else self.score)(req.model_dump())
+        except RequestError as exc:
+            body = exc.body()
+        except Exception as exc:  # the engine failed; the client may retry on another replica
+            body = {"id": None, "status": 500, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+        return JSONResponse(body, status_code=body.get("status", 200))
+
+
+def judge_app(judge: JudgeConfig):
+    """The judge application, with replicas, resources and backpressure from config."""
+    return JudgeDeployment.options(
+        num_replicas=judge.replicas,
+        ray_actor_options={"num_cpus": judge.num_cpus, "num_gpus": judge.num_gpus},
+        max_ongoing_requests=judge.max_ongoing_requests,
+        max_queued_requests=judge.max_queued_requests,
+        # A judge that cannot start (bad path, no chat template) will not start on a retry either.
+        max_constructor_retry_count=2,
+        # One access-log line per judged row would drown the driver's output.
+        logging_config={"enable_access_log": False},
+    ).bind(judge)
+
+
+def judge_url(judge: JudgeConfig, route_prefix: str = ROUTE_PREFIX) -> str:
+    host = "127.0.0.1" if judge.host in ("0.0.0.0", "::", "") else judge.host
+    return f"http://{host}:{judge.port}{route_prefix}"
+
+
+def start_judge(judge: JudgeConfig, app_name: str = APP_NAME, route_prefix: str = ROUTE_PREFIX,
+                ready_timeout_s: float = 30.0) -> str:
+    """Deploy the judge on the connected Ray cluster and return its URL once it answers.
+
+    Serve's HTTP options only take effect when Serve first starts, so they are
+    set here before ``serve.run``; if Serve already runs elsewhere, the URL check
+    below says so instead of leaving the judge on an unexpected port.
+    """
+    if not judge.model.path:
+        raise ValueError("judge.model.path is empty; set it to the judge model folder or hub id")
+    serve.start(http_options={"host": judge.host, "port": judge.port})
+    try:
+        serve.run(judge_app(judge), name=app_name, route_prefix=route_prefix)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if "Error: " in ln]
+        raise RuntimeError(f"judge app {app_name!r} failed to start: "
+                           f"{lines[-1] if lines else str(exc).splitlines()[0]}") from None
+    url = judge_url(judge, route_prefix)
+    deadline, last = time.monotonic() + ready_timeout_s, ""
+    while time.monotonic() < deadline:  # the proxy learns new routes a moment after serve.run
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as reply:
+                if reply.status == 200:
+                    return url
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    raise RuntimeError(f"judge deployed but {url}/healthz does not answer ({last}); Serve may have been "
+                       f"started earlier with other HTTP options: run serve.shutdown() first")
+
+
+def stop_judge(app_name: str = APP_NAME) -> None:
+    """Remove the judge application; Serve itself (and other apps) keep running."""
+    serve.delete(app_name)
+

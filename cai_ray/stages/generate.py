@@ -1,0 +1,182 @@
+"""Constitutional data generation: prompts -> critique/revision chains -> SFT rows and pairs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cai_ray import quality
+from cai_ray.config import Config, DataConfig, stage_dir, stage_hash, to_yaml
+from cai_ray.constitution import EXAMPLES, build_pair, load_constitution, sft_row
+from cai_ray.data.heldout import TrainIndex, format_overlaps
+from cai_ray.data.prompts import load_prompts
+from cai_ray.tracking import Store, write_atomic
+
+ROUND = pa.struct([("principle_id", pa.string()), ("critique", pa.string()), ("revision", pa.string())])
+CHAIN_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("initial", pa.string()),
+    ("rounds", pa.list_(ROUND)), ("final", pa.string()), ("flags", pa.list_(pa.string())),
+    ("error", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+])
+# Parts are written as the pipeline streams; this many rows make one MLflow progress point.
+PROGRESS_EVERY = 256
+
+
+def _check_heldout(cfg: Config, rows: list[dict]) -> int:
+    """Refuse to generate from prompts that are also evaluation prompts."""
+    sets = list(dict.fromkeys([*cfg.evaluate.sets, *cfg.generate.heldout_sets]))
+    if not sets:
+        return 0
+    index = TrainIndex([(r["id"], r["prompt"]) for r in rows])
+    checked = 0
+    for source in sets:
+        eval_rows = load_prompts(DataConfig(source=source, dedupe=False))
+        checked += len(eval_rows)
+        overlaps = index.overlaps([(r["id"], r["prompt"]) for r in eval_rows], cfg.evaluate.overlap_threshold)
+        if overlaps:
+            raise ValueError(f"generation prompts overlap eval set {source}: {format_overlaps(overlaps)}")
+    return checked
+
+
+def _done_ids(chains: Path) -> set[str]:
+    """Ids already written by an earlier (possibly killed) run; half-written temp files are dropped."""
+    done: set[str] = set()
+    for tmp in chains.glob(".*.tmp"):
+        tmp.unlink()
+    for part in sorted(chains.glob("part-*.parquet")):
+        done.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
+    return done
+
+
+def _write_part(chains: Path, table: pa.Table) -> None:
+    # Rename is atomic: a SIGKILL leaves either a whole part or a temp file.
+    name = f"part-{time.time_ns()}-{os.getpid()}.parquet"
+    tmp = chains / f".{name}.tmp"
+    pq.write_table(table.select(CHAIN_SCHEMA.names).cast(CHAIN_SCHEMA), tmp)
+    os.replace(tmp, chains / name)
+
+
+def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) -> dict:
+    """Run the revision actors over ``todo`` with Ray Data, writing parts as they arrive."""
+    import ray
+
+    from cai_ray.data.actors import RevisionActor
+    from cai_ray.runtime import init_ray
+
+    init_ray(cfg)
+    g = cfg.generate
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // g.batch_size)))
+    ds = ds.map_batches(RevisionActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=g.batch_size,
+                        batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=g.actors),
+                        num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor or None)
+    start, rows, tokens, last = time.time(), 0, 0, 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        _write_part(chains, batch)
+        rows += batch.num_rows
+        tokens += pa.compute.sum(batch.column("completion_tokens")).as_py() or 0
+        if rows - last >= PROGRESS_EVERY or rows == len(todo):
+            elapsed = max(time.time() - start, 1e-9)
+            store.log_metrics({"rows_done": rows, "rows_per_s": rows / elapsed,
+                               "completion_tokens_per_s": tokens / elapsed}, step=rows)
+            last = rows
+    elapsed = time.time() - start
+    return {"rows": rows, "seconds": elapsed, "completion_tokens": tokens}
+
+
+def _finalize(cfg: Config, out: Path, table: pa.Table) -> dict:
+    """chains -> sft, pairs, rejects; counts every filter and every dropped row."""
+    chains = table.to_pylist()
+    sft, pairs, rejects = [], [], []
+    filter_counts = {name: 0 for name in (*quality.FILTERS, "unrevised")}
+    for row in chains:
+        for flag in row["flags"]:
+            filter_counts[flag] += 1
+        reason = f"error: {row['error']}" if row["error"] else ", ".join(row["flags"])
+        if reason:
+            rejects.append({"id": row["id"], "prompt": row["prompt"], "final": row["final"], "reason": reason})
+            continue
+        chain = {"id": row["id"], "prompt": row["prompt"], "initial": row["initial"],
+                 "revisions": [r["revision"] for r in row["rounds"]]}
+        sft.append(sft_row(chain))
+        pairs.append(build_pair(chain))
+    for name, rows in (("sft", sft), ("pairs", pairs), ("rejects", rejects)):
+        tmp = out / f".{name}.parquet.tmp"
+        pq.write_table(pa.Table.from_pylist(rows, schema=_schema(name)), tmp)
+        os.replace(tmp, out / f"{name}.parquet")
+    errors = sum(1 for r in chains if r["error"])
+    return {"chains": len(chains), "sft_rows": len(sft), "pairs": len(pairs), "rejects": len(rejects),
+            "errors": errors, "error_rate": errors / max(len(chains), 1), "filters": filter_counts,
+            "distinct_2": quality.distinct_n([r["final"] for r in chains if r["final"]], 2)}
+
+
+def _schema(name: str) -> pa.Schema:
+    s = pa.string()
+    return {"sft": pa.schema([("prompt", s), ("completion", s), ("id", s)]),
+            "pairs": pa.schema([("prompt", s), ("chosen", s), ("rejected", s), ("source", s),
+                                ("label", pa.float64()), ("id", s)]),
+            "rejects": pa.schema([("id", s), ("prompt", s), ("final", s), ("reason", s)])}[name]
+
+
+def _prepare(cfg: Config) -> tuple[list[dict], dict, str]:
+    """Everything that can fail on bad input, checked before Ray or any file write."""
+    constitution = load_constitution(cfg.generate.constitution)
+    if cfg.generate.few_shot > len(EXAMPLES):
+        raise ValueError(f"generate.few_shot={cfg.generate.few_shot} but only {len(EXAMPLES)} "
+                         f"few-shot examples exist")
+    stats: dict = {}
+    rows = load_prompts(cfg.data, stats=stats)
+    stats["heldout_checked"] = _check_heldout(cfg, rows)
+    return rows, stats, constitution.hash
+
+
+def run(cfg: Config, store: Store) -> dict:
+    """Generate chains, SFT rows and preference pairs; a rerun resumes where it stopped."""
+    from cai_ray.engines.base import resolve_model_path
+
+    resolve_model_path(cfg.model)  # a bad model path fails here, not inside an actor
+    rows, data_stats, constitution_hash = _prepare(cfg)
+    out = stage_dir(cfg, "generate")
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        return json.loads(manifest_path.read_text())
+    chains = out / "chains"
+    chains.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "config.yaml", to_yaml(cfg))
+    done = _done_ids(chains)
+    todo = [{"id": r["id"], "prompt": r["prompt"]} for r in rows if r["id"] not in done]
+    print(f"generate: {len(rows)} prompts, {len(done)} already done, {len(todo)} to go -> {out}")
+    run_stats = _stream_chains(cfg, todo, chains, store) if todo else {"rows": 0, "seconds": 0.0,
+                                                                        "completion_tokens": 0}
+    wanted = {r["id"] for r in rows}
+    table = pq.read_table(chains)
+    table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(wanted))))
+    summary = _finalize(cfg, out, table)
+    summary.update(stage="generate", output=str(out), config_hash=stage_hash(cfg, "generate"),
+                   constitution_hash=constitution_hash, data=data_stats, mlflow_run_id=store.run_id,
+                   resumed_rows=len(done), generated_rows=run_stats["rows"],
+                   seconds=round(run_stats["seconds"], 2),
+                   rows_per_s=round(run_stats["rows"] / max(run_stats["seconds"], 1e-9), 3),
+                   completion_tokens=run_stats["completion_tokens"])
+    _report(store, out, summary)
+    if summary["error_rate"] > cfg.generate.max_error_rate:
+        raise RuntimeError(f"generate: {summary['errors']} of {summary['chains']} rows failed "
+                           f"(error rate {summary['error_rate']:.3f} > generate.max_error_rate="
+                           f"{cfg.generate.max_error_rate}); see {out / 'rejects.parquet'}")
+    write_atomic(manifest_path, json.dumps(summary, indent=2))
+    return summary
+
+
+def _report(store: Store, out: Path, summary: dict) -> None:
+    store.set_tags({"stage": "generate", "config_hash": summary["config_hash"],
+                    "constitution_hash": summary["constitution_hash"]})
+    metrics = {k: summary[k] for k in ("chains", "sft_rows", "pairs", "rejects", "errors", "error_rate",
+                                       "distinct_2", "rows_per_s")}
+    metrics.update({f"filter/{k}": v for k, v in summary["filters"].items()})
+    store.log_metrics(metrics)
+    for name in ("sft.parquet", "pairs.parquet", "rejects.parquet", "config.yaml"):
+        store.log_artifact(out / name, "generate")

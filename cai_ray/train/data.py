@@ -1,0 +1,301 @@
+"""Training rows: where they come from, how they are checked, tokenised and batched.
+
+Everything here runs in the driver before any Ray Train worker starts, so bad
+input fails with one line naming the file, column and row instead of a
+traceback from inside a worker.  Workers only receive the tokenised arrays and
+the deterministic batch schedule.
+
+Text: a prompt that is already a conversation (``"\\n\\nHuman: ...\\n\\nAssistant:"``,
+as the generate stage writes it) is used as it is and the completion is appended
+untouched; a bare request (as in ``samples:helpful_sft``) is wrapped in the same
+conversation format and its completion gets the one leading space the format
+uses, so both kinds of row train the model on the text it sees at inference.
+
+Tokenisation follows TRL 1.16 (see the notes in ``losses.py`` and
+``tests/integration/test_dpo_vs_trl.py``): EOS is appended to the completion as
+text, ``prompt`` and ``prompt + completion`` are tokenised as whole strings,
+and the completion starts where the two token lists first differ (for DPO, the
+earlier of the chosen and rejected split points).  Rows are cut to
+``train.max_length`` from the end (keeping the prompt); a row left with no
+completion token is dropped and counted, since it has nothing to learn from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from cai_ray.config import Config, TrainConfig, stage_dir
+from cai_ray.constitution.format import HUMAN, conversation_prompt, spaced
+
+SFT_COLUMNS = ("prompt", "completion")
+DPO_COLUMNS = ("prompt", "chosen", "rejected")
+IGNORE_INDEX = -100
+_CONVERSATION_START = f"\n\n{HUMAN}:"
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _generated(cfg: Config, name: str, key: str) -> str:
+    path = stage_dir(cfg, "generate") / name
+    if not path.is_file():
+        raise ValueError(f"{key} is unset and the generate stage has no {name} at {path}; "
+                         f"run `cai-ray generate` with this config first, or set {key}=FILE")
+    return str(path)
+
+
+def sft_source(cfg: Config) -> str:
+    """``sft.data``, else the generate stage's ``sft.parquet``."""
+    return cfg.sft.data or _generated(cfg, "sft.parquet", "sft.data")
+
+
+def dpo_source(cfg: Config) -> str:
+    """``dpo.data``, else the generate stage's ``pairs.parquet``."""
+    return cfg.dpo.data or _generated(cfg, "pairs.parquet", "dpo.data")
+
+
+def fingerprint(source: str) -> str:
+    """sha256 of the file behind ``source`` (shipped sets included), so a changed file retrains."""
+    from importlib import resources
+
+    if source.startswith("samples:"):
+        handle = resources.files("cai_ray.data").joinpath("samples", f"{source[8:]}.jsonl")
+        blob = handle.read_bytes() if handle.is_file() else source.encode()
+        return hashlib.sha256(blob).hexdigest()
+    path = Path(source).expanduser()
+    if not path.is_file():
+        return hashlib.sha256(source.encode()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _columns(source: str, key: str) -> tuple[str, dict[str, list], Optional[list[int]]]:
+    """(name for messages, {column: values}, jsonl line numbers or None) of one file or shipped set."""
+    from cai_ray.data import DataError, read_source
+
+    if not source.startswith("samples:") and not Path(source).expanduser().is_file():
+        raise ValueError(f"{key}={source}: file does not exist")
+    try:
+        _, parts = read_source(source)
+    except DataError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+    name, columns, lines = parts[0]
+    if hasattr(columns, "column_names"):
+        columns = {c: columns.column(c).to_pylist() for c in columns.column_names}
+    return name, columns, lines
+
+
+def read_rows(source: str, required: tuple[str, ...], optional: tuple[str, ...] = (),
+              key: str = "data") -> list[dict[str, Any]]:
+    """Rows with the ``required`` text columns (non-empty strings) and any ``optional`` ones present."""
+    name, columns, lines = _columns(source, key)
+    n = len(next(iter(columns.values()), []))
+    if n == 0:
+        raise ValueError(f"{key}: {name} has no rows")
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise ValueError(f"{key}: {name} is missing column(s) {', '.join(missing)}; "
+                         f"columns: {', '.join(columns) or '(none)'}")
+    for column in required:
+        for i, value in enumerate(columns[column]):
+            if not isinstance(value, str) or not value.strip():
+                where = f"line {lines[i]}" if lines is not None else f"row {i}"
+                what = "is empty" if value is None or isinstance(value, str) else \
+                    f"holds a {type(value).__name__}, not a string"
+                raise ValueError(f"{key}: {name}: {where}: column {column!r} {what}")
+    kept = [c for c in (*required, *optional) if c in columns]
+    return [{c: columns[c][i] for c in kept} for i in range(n)]
+
+
+def read_sft(cfg: Config) -> list[dict[str, str]]:
+    return read_rows(sft_source(cfg), SFT_COLUMNS, key="sft.data")
+
+
+def read_dpo(cfg: Config) -> list[dict[str, Any]]:
+    source = dpo_source(cfg)
+    rows = read_rows(source, DPO_COLUMNS, ("label",), key="dpo.data")
+    if cfg.dpo.loss != "soft":
+        return rows
+    if "label" not in rows[0]:
+        raise ValueError(f"dpo.loss=soft needs a 'label' column (probability that chosen is better) "
+                         f"in {source}; columns: {', '.join(rows[0])}")
+    for i, row in enumerate(rows):
+        label = row["label"]
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= label <= 1:
+            raise ValueError(f"dpo.data: {source}: row {i}: column 'label' must be a number in [0, 1], "
+                             f"got {label!r}")
+    return rows
+
+
+def as_text(prompt: str, completion: str) -> tuple[str, str]:
+    """(prompt, completion) in the conversation format; see the module notes."""
+    if prompt.startswith(_CONVERSATION_START):
+        return prompt, completion
+    return conversation_prompt(prompt.strip()), spaced(completion)
+
+
+# ---------------------------------------------------------------- tokens
+
+
+@dataclass
+class Sequences:
+    """Token rows stored flat (cheap to pickle and to share through the object store):
+    row ``i`` is ``ids[offsets[i]:offsets[i + 1]]`` and its first ``split[i]`` tokens are prompt."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    split: np.ndarray
+
+    @classmethod
+    def from_rows(cls, rows: list[list[int]], split: list[int]) -> "Sequences":
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        ids = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
+        return cls(ids, offsets, np.asarray(split, dtype=np.int32))
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+
+
+@dataclass
+class TrainSet:
+    """What the workers train on: one ``Sequences`` for SFT, [chosen, rejected] for DPO."""
+
+    kind: str
+    seqs: list[Sequences]
+    labels: Optional[np.ndarray] = None
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.seqs[0])
+
+
+def _split_point(prompt_ids: list[int], fulls: list[list[int]]) -> int:
+    n = 0
+    while n < len(prompt_ids) and all(n < len(f) and f[n] == prompt_ids[n] for f in fulls):
+        n += 1
+    return n
+
+
+def _with_eos(text: str, eos: str) -> str:
+    return text if text.endswith(eos) else text + eos
+
+
+def _encode(tok, prompts: list[str], completions: list[list[str]], max_length: int):
+    """Per row: (full token lists cut to max_length, split point) or None when nothing is left to learn.
+
+    One split point serves every completion of a row (the earliest), as TRL does for a pair."""
+    eos = tok.eos_token
+    prompt_ids = tok(prompts).input_ids
+    sides = [tok([p + _with_eos(c[k], eos) for p, c in zip(prompts, completions)]).input_ids
+             for k in range(len(completions[0]))]
+    out = []
+    for i, p_ids in enumerate(prompt_ids):
+        fulls = [side[i][:max_length] for side in sides]
+        split = _split_point(p_ids, [side[i] for side in sides])
+        out.append((fulls, split) if all(len(f) > split for f in fulls) else None)
+    return out
+
+
+def tokenize(tok, rows: list[dict[str, Any]], kind: str, max_length: int) -> TrainSet:
+    """Tokenise SFT (``prompt``, ``completion``) or DPO (``prompt``, ``chosen``, ``rejected``) rows."""
+    if tok.eos_token is None:
+        raise ValueError("model tokenizer has no eos_token; set one so completions can end")
+    names = ("completion",) if kind == "sft" else ("chosen", "rejected")
+    prompts, completions = [], []
+    for row in rows:
+        texts = [as_text(row["prompt"], row[n]) for n in names]
+        prompts.append(texts[0][0])
+        completions.append([t[1] for t in texts])
+    encoded = _encode(tok, prompts, completions, max_length)
+    kept = [i for i, e in enumerate(encoded) if e is not None]
+    if not kept:
+        raise ValueError(f"train.max_length={max_length} leaves no completion token in any of the "
+                         f"{len(rows)} rows; raise train.max_length")
+    seqs = [Sequences.from_rows([encoded[i][0][k] for i in kept], [encoded[i][1] for i in kept])
+            for k in range(len(names))]
+    labels = None
+    if kind == "dpo" and "label" in rows[0]:
+        labels = np.array([float(rows[i]["label"]) for i in kept], dtype=np.float32)
+    stats = {"rows": len(rows), "examples": len(kept), "dropped_too_long": len(rows) - len(kept),
+             "completion_tokens": int(sum((s.offsets[1:] - s.offsets[:-1] - s.split).sum() for s in seqs))}
+    return TrainSet(kind, seqs, labels, stats)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def total_steps(n_examples: int, train: TrainConfig, world: int, epochs: int, max_steps: int) -> int:
+    """Optimizer steps: ``max_steps`` if set, else enough to see every example ``epochs`` times."""
+    if max_steps > 0:
+        return max_steps
+    global_batch = train.batch_size * train.grad_accum * world
+    return max(1, math.ceil(epochs * n_examples / global_batch))
+
+
+class Schedule:
+    """Which examples each rank sees at each step, as a pure function of (step, rank).
+
+    Examples form an endless stream of seeded per-epoch permutations; step ``s``
+    takes the next ``batch_size * grad_accum * world`` stream positions, micro-batch
+    ``m`` of rank ``r`` a fixed slice of them.  Every rank thus runs the same
+    number of micro-batches (collectives never wait on a rank that ran out), and a
+    run restored at step ``s`` continues with exactly the batches it would have seen.
+    """
+
+    def __init__(self, n_examples: int, batch_size: int, grad_accum: int, world: int, seed: int):
+        self.n, self.batch_size, self.grad_accum, self.world, self.seed = \
+            n_examples, batch_size, grad_accum, world, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def micro_batch(self, step: int, micro: int, rank: int) -> np.ndarray:
+        start = ((step * self.grad_accum + micro) * self.world + rank) * self.batch_size
+        positions = range(start, start + self.batch_size)
+        return np.array([self._perm(p // self.n)[p % self.n] for p in positions], dtype=np.int64)
+
+
+def _pad(rows: list[np.ndarray], splits: list[int], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.from_numpy(row.astype(np.int64))
+        attention[i, :len(row)] = 1
+    # Right padding, as TRL does, so default position ids match for the real tokens.
+    labels = input_ids.masked_fill(attention == 0, IGNORE_INDEX)
+    for i, n in enumerate(splits):
+        labels[i, :n] = IGNORE_INDEX
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def collate(data: TrainSet, indices: np.ndarray, pad_id: int) -> dict[str, Any]:
+    """One micro-batch; for DPO the rows are [chosen..., rejected...] and ``pref`` holds soft labels."""
+    import torch
+
+    if data.kind == "sft":
+        seqs = data.seqs[0]
+        return _pad([seqs.row(i) for i in indices], [int(seqs.split[i]) for i in indices], pad_id)
+    chosen, rejected = data.seqs
+    splits = [int(chosen.split[i]) for i in indices]  # one split per pair: see _encode
+    batch = _pad([chosen.row(i) for i in indices] + [rejected.row(i) for i in indices], splits * 2, pad_id)
+    batch["pref"] = None if data.labels is None else torch.from_numpy(data.labels[indices])
+    return batch

@@ -1,0 +1,240 @@
+"""The per-worker training loop that Ray Train runs on every rank (SFT and DPO).
+
+Each rank builds the same model (same seed), wraps it in DeepSpeed and walks
+the shared ``Schedule``.  Only rank 0 logs to MLflow, every ``log_every`` steps
+after one all-reduce of the window's sums, and the loop reports to Ray Train
+only with a checkpoint: ``ray.train.report`` is a barrier of about 2 s.
+
+DPO reference log-probs are computed once, before the first step and before
+any checkpoint is loaded, with the adapter disabled (LoRA) or from the
+untouched starting weights (full fine-tuning): the reference is the frozen SFT
+policy and cannot drift, and each step then needs one forward pass, not two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from cai_ray.config import Config
+from cai_ray.train.data import Schedule, TrainSet, collate
+from cai_ray.train.losses import dpo_loss, dpo_metrics, sequence_logps, sft_loss
+
+STATE = "state.json"
+DS_TAG = "ds"
+
+
+@dataclass
+class Job:
+    """Everything a worker needs; pickled into ``train_loop_config``."""
+
+    kind: str                 # "sft" | "dpo"
+    cfg: Config
+    model_path: str
+    data: Any                 # ObjectRef of a TrainSet
+    total_steps: int
+    pad_id: int
+    lr: float
+    start: Optional[str]      # SFT policy DPO starts from (adapter or model folder)
+    store: Any                # MlflowStore or NullStore; used on rank 0 only
+    fail_once: Optional[str]  # "RANK:STEP:MARKER" test hook (CAI_RAY_FAIL_ONCE)
+
+
+def _forward_logps(engine, batch: dict) -> torch.Tensor:
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logps(logits, batch["labels"])
+
+
+def reference_logps(engine, data: TrainSet, schedule: Schedule, steps: range, rank: int, job: Job) -> dict:
+    """(step, micro) -> reference log-probs of [chosen..., rejected...] for this rank's batches."""
+    module = engine.module
+    no_adapter = module.disable_adapter() if job.cfg.train.lora.enabled else nullcontext()
+    out = {}
+    module.eval()
+    with torch.no_grad(), no_adapter:
+        for step in steps:
+            for micro in range(job.cfg.train.grad_accum):
+                batch = collate(data, schedule.micro_batch(step, micro, rank), job.pad_id)
+                out[step, micro] = _forward_logps(engine, batch)
+    module.train()
+    return out
+
+
+def _dpo_micro(engine, batch: dict, ref: torch.Tensor, job: Job) -> tuple[torch.Tensor, dict]:
+    policy_c, policy_r = _forward_logps(engine, batch).chunk(2)
+    ref_c, ref_r = ref.chunk(2)
+    kwargs: dict = {}
+    if job.cfg.dpo.loss == "soft":
+        kwargs["labels"] = batch["pref"]
+    if job.cfg.dpo.loss == "ipo":
+        # TRL's IPO averages each side's log-ratio over its completion tokens.
+        counts = (batch["labels"][:, 1:] != -100).sum(-1).float()
+        kwargs["chosen_lengths"], kwargs["rejected_lengths"] = counts.chunk(2)
+    rows, chosen_r, rejected_r = dpo_loss(policy_c, policy_r, ref_c, ref_r, beta=job.cfg.dpo.beta,
+                                          loss_type=job.cfg.dpo.loss, **kwargs)
+    return rows.mean(), dpo_metrics(rows, chosen_r, rejected_r, policy_c, policy_r)
+
+
+def train_step(engine, data: TrainSet, schedule: Schedule, step: int, rank: int, job: Job,
+               ref: Optional[dict]) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns this rank's sums."""
+    sums: dict[str, float] = {}
+    for micro in range(job.cfg.train.grad_accum):
+        batch = collate(data, schedule.micro_batch(step, micro, rank), job.pad_id)
+        if job.kind == "sft":
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, metrics = sft_loss(logits, batch["labels"]), {}
+            metrics["loss"] = loss.item()
+        else:
+            loss, metrics = _dpo_micro(engine, batch, ref[step, micro], job)
+        engine.backward(loss)
+        engine.step()
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value
+        sums["tokens"] = sums.get("tokens", 0.0) + float(batch["attention_mask"].sum())
+    sums["micro_batches"] = float(job.cfg.train.grad_accum)
+    return sums
+
+
+def window_means(window: list[dict[str, float]], seconds: float) -> dict[str, float]:
+    """Means over the steps of a logging window and over all ranks (one all-reduce)."""
+    import torch.distributed as dist
+
+    keys = sorted(window[0])
+    totals = torch.tensor([sum(w[k] for w in window) for k in keys], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    summed = dict(zip(keys, totals.tolist()))
+    n = summed.pop("micro_batches")
+    tokens = summed.pop("tokens")
+    means = {k: v / n for k, v in summed.items()}
+    means["tokens_per_s"] = tokens / max(seconds, 1e-9)
+    means["tokens"] = tokens
+    return means
+
+
+def _rank0_write(path: Path, payload: dict) -> None:
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        path.write_text(json.dumps(payload))
+
+
+def save_checkpoint(engine, state: dict, metrics: dict, job: Job) -> None:
+    """Every rank writes its DeepSpeed shard into its own temp dir; Ray merges them into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # With LoRA the frozen base is the same on every start: keep it out of the checkpoint.
+        engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=job.cfg.train.lora.enabled)
+        _rank0_write(Path(tmp) / STATE, state)
+        ray.train.report({**metrics, **state}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def restored_state() -> dict:
+    """The restored checkpoint's state (``step``, ``final``, ``tokens_seen``), or a fresh start's."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"step": 0, "final": False, "tokens_seen": 0.0}
+    with checkpoint.as_directory() as folder:
+        return json.loads((Path(folder) / STATE).read_text())
+
+
+def load_checkpoint(engine, job: Job) -> None:
+    import ray.train
+
+    with ray.train.get_checkpoint().as_directory() as folder:
+        engine.load_checkpoint(folder, tag=DS_TAG, load_module_strict=not job.cfg.train.lora.enabled)
+
+
+def export(engine, job: Job, state: dict, metrics: dict) -> None:
+    """The final report: the adapter (LoRA) or the whole model, gathered under ZeRO-3, saved by rank 0."""
+    import ray.train
+
+    from cai_ray.train.deepspeed import gathered
+
+    module = engine.module
+    lora = job.cfg.train.lora.enabled
+    params = [p for p in module.parameters() if p.requires_grad] if lora else list(module.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        with gathered(engine, params):
+            if ray.train.get_context().get_world_rank() == 0:
+                module.save_pretrained(Path(tmp) / ("adapter" if lora else "model"), safe_serialization=True)
+        _rank0_write(Path(tmp) / STATE, state)
+        ray.train.report({**metrics, **state}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _maybe_fail(job: Job, rank: int, step: int) -> None:
+    """Test hook: rank R dies right after step S, once (the marker file remembers it fired)."""
+    if not job.fail_once:
+        return
+    want_rank, want_step, marker = job.fail_once.split(":", 2)
+    if rank == int(want_rank) and step == int(want_step) and not os.path.exists(marker):
+        Path(marker).write_text(f"rank {rank} failed after step {step}\n")
+        os._exit(1)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point, one call per worker."""
+    import ray
+    import ray.train
+
+    from cai_ray.tracking import NullStore
+    from cai_ray.train.deepspeed import start_engine
+    from cai_ray.train.lora import load_policy
+
+    job: Job = config["job"]
+    train = job.cfg.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    store = job.store if rank == 0 else NullStore()
+    state = restored_state()
+    if state["final"]:
+        return
+    data: TrainSet = ray.get(job.data)
+    torch.manual_seed(job.cfg.seed)  # the same fresh adapter on every rank
+    model = load_policy(job.cfg.model, job.model_path, train.lora, job.start)
+    engine = start_engine(model, train, job.lr, job.total_steps)
+    schedule = Schedule(len(data), train.batch_size, train.grad_accum, world, job.cfg.seed)
+    steps = range(state["step"], job.total_steps)
+    ref = reference_logps(engine, data, schedule, steps, rank, job) if job.kind == "dpo" else None
+    if state["step"]:
+        load_checkpoint(engine, job)
+    _run_steps(engine, data, schedule, steps, rank, job, ref, store, state)
+
+
+def _run_steps(engine, data, schedule, steps: range, rank: int, job: Job, ref, store, state: dict) -> None:
+    train = job.cfg.train
+    window, metrics = [], {}
+    tick = started = time.time()
+    first_step_at, tokens_at_start = None, state["tokens_seen"]
+    for step in steps:
+        window.append(train_step(engine, data, schedule, step, rank, job, ref))
+        first_step_at = first_step_at or time.time()
+        state = {**state, "step": step + 1}
+        checkpoint = state["step"] % train.checkpoint_every == 0 and state["step"] < job.total_steps
+        # A checkpoint closes the window too, so its token count is exact on restore.
+        if checkpoint or state["step"] % train.log_every == 0 or state["step"] == job.total_steps:
+            metrics = window_means(window, time.time() - tick)
+            state["tokens_seen"] += metrics["tokens"]
+            metrics["lr"] = engine.get_lr()[0]
+            store.log_metrics(metrics, step=state["step"])
+            window, tick = [], time.time()
+        if checkpoint:
+            save_checkpoint(engine, state, metrics, job)
+        _maybe_fail(job, rank, state["step"])
+    seconds = time.time() - started
+    timing = {"train_seconds": seconds, "first_step_at": first_step_at or time.time(),
+              "resumed_from": steps.start,
+              "attempt_tokens_per_s": (state["tokens_seen"] - tokens_at_start) / max(seconds, 1e-9)}
+    export(engine, job, {**state, "final": True}, {**metrics, **timing})

@@ -1,0 +1,189 @@
+"""The hf and vLLM engines on the tiny offline Llama.
+
+vLLM tests share one ``LLM`` (start-up is 15-40 s on CPU).  vLLM spawns
+worker processes that re-import ``__main__``; under pytest that is harmless.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cai_ray.config import EngineConfig, ModelConfig, SamplingConfig
+from cai_ray.engines import make_engine
+from cai_ray.tiny import build_tiny
+
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=16, min_new_tokens=16)
+PROMPTS = ["hello there", "the answer is a long one because why not", "\n\nHuman: please explain", "x"]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("engines")
+    base = build_tiny(root / "base")
+    chat = build_tiny(root / "chat", "chat")
+    # peft initialises lora_B to zero (a no-op adapter); random B makes it bite.
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    model.save_pretrained(root / "lora")
+    return SimpleNamespace(base=str(base), chat=str(chat), adapter=str(root / "lora"))
+
+
+@pytest.fixture(scope="module")
+def hf(tiny):
+    return make_engine(ModelConfig(path=tiny.base), EngineConfig(batch_size=4))
+
+
+def _ascii_pair(text: str) -> str:
+    """The first two adjacent ASCII letters after the start: a stop string the
+    random model really produces."""
+    for i in range(2, len(text) - 1):
+        if text[i:i + 2].isascii() and text[i:i + 2].isalpha():
+            return text[i:i + 2]
+    pytest.fail(f"no ASCII letter pair in {text!r}")
+
+
+def test_batched_greedy_matches_unbatched_and_transformers(tiny, hf):
+    single = make_engine(ModelConfig(path=tiny.base), EngineConfig(batch_size=1))
+    batched, alone = hf.generate(PROMPTS, GREEDY), single.generate(PROMPTS, GREEDY)
+    assert [c.text for c in batched] == [c.text for c in alone]
+    for prompt, c in zip(PROMPTS, batched):
+        ids = hf.tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            ref = hf.model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        expected = hf.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).rstrip("\ufffd")
+        assert (c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason) == \
+               (expected, ids.shape[1], 16, "length")
+
+
+def test_stop_string_truncates_and_ends_early(hf):
+    params = SamplingConfig(temperature=0.0, max_new_tokens=30)
+    full = hf.generate(PROMPTS[:1], params)[0]
+    stop = _ascii_pair(full.text)
+    cut = hf.generate(PROMPTS[:1], params, stop=["<never>", stop])[0]
+    assert cut.text == full.text[:full.text.find(stop)]
+    assert cut.finish_reason == "stop" and cut.completion_tokens < full.completion_tokens
+    # Inside the first min_new_tokens tokens a stop string does not count.
+    late = SamplingConfig(temperature=0.0, max_new_tokens=30, min_new_tokens=cut.completion_tokens + 1)
+    kept = hf.generate(PROMPTS[:1], late, stop=[stop])[0]
+    assert kept.text.startswith(full.text[:full.text.find(stop) + len(stop)])
+
+
+def test_seeded_sampling_ignores_batch_composition(tiny, hf):
+    params = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=24)
+    first = hf.generate(PROMPTS, params, seeds=[11, 12, 13, 14])
+    pairs = make_engine(ModelConfig(path=tiny.base), EngineConfig(batch_size=2))
+    mixed = pairs.generate(["another prompt", PROMPTS[2], PROMPTS[0]], params, seeds=[99, 13, 11])
+    assert [mixed[1].text, mixed[2].text] == [first[2].text, first[0].text]
+    reseeded = hf.generate(PROMPTS, params, seeds=[21, 22, 23, 24])
+    assert [c.text for c in reseeded] != [c.text for c in first]
+
+
+def test_overlong_prompt_becomes_error_row(hf):
+    rows = hf.generate(["hello", "the " * 3000, "", "x"], GREEDY)
+    assert [r.finish_reason for r in rows] == ["length", "error", "error", "length"]
+    assert "3001 tokens; context is 2048" in rows[1].error and "empty" in rows[2].error
+    assert [rows[0].text, rows[3].text] == [c.text for c in hf.generate(["hello", "x"], GREEDY)]
+
+
+def test_score_equals_manual_log_probs(hf):
+    prompts, conts = ["the answer is", "hello ", "Human: why"], [" yes", "there friend", "?"]
+    got = hf.score(prompts, conts)
+    for p, c, value in zip(prompts, conts, got):
+        head = p.rstrip()  # documented boundary: trailing spaces belong to the continuation
+        n_prompt = len(hf.tokenizer(head).input_ids)
+        full = hf.tokenizer(head + p[len(head):] + c, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            logp = hf.model(full).logits[0].log_softmax(-1)
+        manual = sum(logp[j - 1, full[0, j]].item() for j in range(n_prompt, full.shape[1]))
+        assert value == pytest.approx(manual, abs=1e-4)
+    assert math.isnan(hf.score([""], ["x"])[0])
+
+
+def test_bad_model_path_is_one_line_error(tmp_path):
+    missing = tmp_path / "no_model"
+    with pytest.raises(ValueError, match=f"model.path={missing}: no such folder") as err:
+        make_engine(ModelConfig(path=str(missing)), EngineConfig())
+    assert "\n" not in str(err.value)
+
+
+def test_chat_format_needs_a_template(tiny, hf):
+    chat = make_engine(ModelConfig(path=tiny.chat, role="instruct"), EngineConfig())
+    text = chat.chat_format([{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}])
+    assert text == "<|system|>be kind<|end|><|user|>hi<|end|><|assistant|>"
+    with pytest.raises(ValueError, match="has no chat template"):
+        hf.chat_format([{"role": "user", "content": "hi"}])
+
+
+def test_lora_adapter_switches_on_and_off(tiny, hf):
+    base = [c.text for c in hf.generate(PROMPTS, GREEDY)]
+    tuned = [c.text for c in hf.generate(PROMPTS, GREEDY, adapter=tiny.adapter)]
+    assert tuned != base
+    assert [c.text for c in hf.generate(PROMPTS, GREEDY)] == base
+    assert hf.score(["hello"], [" there"], adapter=tiny.adapter) != hf.score(["hello"], [" there"])
+    with pytest.raises(ValueError, match="not a PEFT adapter folder"):
+        hf.generate(PROMPTS, GREEDY, adapter=tiny.base)
+
+
+def test_hf_backend_never_imports_vllm(tiny):
+    code = ("import sys; from cai_ray.config import *; from cai_ray.engines import make_engine; "
+            f"make_engine(ModelConfig(path={tiny.base!r}), EngineConfig()); "
+            "assert 'vllm' not in sys.modules, 'vllm imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+# -- vLLM ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny):
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - a broken install skips just like a missing one
+        pytest.skip(f"vllm is not importable: {type(exc).__name__}: {exc}")
+    engine = make_engine(ModelConfig(path=tiny.base),
+                         EngineConfig(backend="vllm", max_lora_rank=8, enforce_eager=True))
+    yield engine
+    engine.close()
+
+
+@pytest.mark.vllm
+def test_vllm_greedy_matches_hf(hf, vllm_engine):
+    for params, stop in ((GREEDY, None), (SamplingConfig(temperature=0.0, max_new_tokens=30), None)):
+        want = hf.generate(PROMPTS + ["the " * 3000], params, stop=stop)
+        got = vllm_engine.generate(PROMPTS + ["the " * 3000], params, stop=stop)
+        assert got[:-1] == want[:-1]
+        assert got[-1].finish_reason == "error" and "3001 tokens" in got[-1].error
+    stop = [_ascii_pair(want[0].text)]
+    params = SamplingConfig(temperature=0.0, max_new_tokens=30)
+    assert vllm_engine.generate(PROMPTS, params, stop=stop) == hf.generate(PROMPTS, params, stop=stop)
+
+
+@pytest.mark.vllm
+def test_vllm_score_matches_hf(hf, vllm_engine):
+    prompts, conts = ["the answer is", "hello ", "Human: why"], [" yes", "there friend", "?"]
+    want = hf.score(prompts, conts)
+    for _ in range(2):  # the second pass meets a warm prefix cache
+        assert vllm_engine.score(prompts, conts) == pytest.approx(want, abs=1e-3)
+
+
+@pytest.mark.vllm
+def test_vllm_lora_matches_hf(tiny, hf, vllm_engine):
+    want = hf.generate(PROMPTS, GREEDY, adapter=tiny.adapter)
+    assert vllm_engine.generate(PROMPTS, GREEDY, adapter=tiny.adapter) == want
+    assert vllm_engine.generate(PROMPTS, GREEDY) == hf.generate(PROMPTS, GREEDY)
+    prompts, conts = ["the answer is", "hello "], [" yes", "there friend"]
+    assert vllm_engine.score(prompts, conts, adapter=tiny.adapter) == \
+           pytest.approx(hf.score(prompts, conts, adapter=tiny.adapter), abs=1e-3)

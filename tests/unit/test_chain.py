@@ -1,0 +1,58 @@
+"""The chain over a batch, with a fake engine (pure prompt logic, no model)."""
+
+from cai_ray.config import SamplingConfig
+from cai_ray.constitution import load_constitution
+from cai_ray.constitution.chain import row_seed, run_chains
+from cai_ray.engines import Completion
+
+
+class Echo:
+    """Answers each prompt with a tag naming the step it was asked for; fails on 'FAIL'."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, params, seeds=None, stop=None, adapter=None):
+        self.calls.append((list(prompts), list(seeds)))
+        out = []
+        for p, s in zip(prompts, seeds):
+            if "FAIL" in p and p.endswith("Critique:"):
+                out.append(Completion("", 5, 0, "error", "prompt has 9999 tokens; context is 2048"))
+                continue
+            step = p.rsplit("\n\n", 1)[-1].rstrip(":")
+            out.append(Completion(f" {step} #{s % 1000}\n\nHuman: leaked", 5, 3, "stop"))
+        return out
+
+
+def test_one_generate_call_per_step_and_every_revision_kept():
+    engine, const = Echo(), load_constitution("default")
+    rows = run_chains(engine, [{"id": "a", "prompt": "p1"}, {"id": "b", "prompt": "p2"}], const,
+                      rounds=2, few_shot=1, params=SamplingConfig(), seed=0)
+    assert len(engine.calls) == 1 + 2 * 2          # batched: initial + 2 x (critique, revision)
+    row = rows[0]
+    assert row["initial"].startswith("Assistant #")  # cleaned: leaked turn cut, space stripped
+    assert [r["revision"].split()[0] for r in row["rounds"]] == ["Revision", "Revision"]
+    assert row["final"] == row["rounds"][-1]["revision"]
+    assert row["completion_tokens"] == 5 * 3 and row["error"] is None
+    # Round 2 critiques the round-1 revision, not the initial reply.
+    round2_critique_prompt = engine.calls[3][0][0]
+    assert row["rounds"][0]["revision"] in round2_critique_prompt.rsplit("=====", 1)[-1]
+
+
+def test_failed_row_keeps_its_error_and_others_go_on():
+    engine, const = Echo(), load_constitution("default")
+    rows = run_chains(engine, [{"id": "a", "prompt": "FAIL"}, {"id": "b", "prompt": "ok"}], const,
+                      rounds=1, few_shot=0, params=SamplingConfig(), seed=0)
+    assert rows[0]["error"].startswith("critique (round 1): prompt has 9999 tokens")
+    assert rows[0]["final"] is None and rows[0]["rounds"] == []
+    assert rows[1]["error"] is None and rows[1]["final"]
+    assert len(engine.calls[2][0]) == 1             # the failed row sat out the revision
+
+
+def test_seeds_and_principles_depend_on_id_not_batch():
+    const = Echo(), load_constitution("default")
+    solo = run_chains(Echo(), [{"id": "b", "prompt": "p"}], const[1], 2, 0, SamplingConfig(), 7)
+    pair = run_chains(Echo(), [{"id": "a", "prompt": "q"}, {"id": "b", "prompt": "p"}], const[1], 2, 0,
+                      SamplingConfig(), 7)
+    assert solo[0] == pair[1]
+    assert row_seed(0, "b", "initial") != row_seed(0, "b", "critique", 1) != row_seed(1, "b", "critique", 1)
