@@ -17,12 +17,26 @@ import traceback
 STAGES: dict[str, tuple[str, str]] = {
     "generate": ("cai_ray.stages.generate",
                  "few-shot critique/revision chains, SFT rows and preference pairs (Ray Data)"),
+    "sft": ("cai_ray.stages.sft",
+            "supervised fine-tuning on (prompt, completion) rows (Ray Train + DeepSpeed, LoRA)"),
+    "dpo": ("cai_ray.stages.dpo",
+            "DPO / IPO / soft-label preference training against the frozen SFT policy"),
+    "evaluate": ("cai_ray.stages.evaluate",
+                 "held-out evaluation of every arm: ASR, over-refusal, helpfulness, style with intervals"),
     "serve-judge": ("cai_ray.stages.serve_judge",
                     "run the judge on Ray Serve (HTTP on judge.host:judge.port) until Ctrl-C"),
+}
+# Pipelines: stages run in order under one parent MLflow run, a child run each.
+# A finished stage returns its manifest, so a rerun skips it and resumes the first unfinished one.
+PIPELINES: dict[str, tuple[tuple[str, ...], str]] = {
+    "run": (("generate", "sft", "dpo", "evaluate"),
+            "the whole pipeline: generate -> SFT -> DPO -> evaluate, resumable"),
 }
 # Tool commands with their own argument parsing: name -> (module:function, help).
 TOOLS: dict[str, tuple[str, str]] = {
     "tiny-model": ("cai_ray.tiny:main", "build the tiny offline Llama + tokenizer in a folder"),
+    "submit": ("cai_ray.submit:submit_main", "submit a command to a Ray cluster as a Ray Job"),
+    "jobs": ("cai_ray.submit:jobs_main", "list, inspect, follow or stop Ray Jobs"),
 }
 
 
@@ -36,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="action", metavar="ACTION", required=True)
     show = config.add_parser("show", help="print the resolved, validated config")
     _config_args(show)
-    for name, (_, text) in STAGES.items():
+    for name, (_, text) in {**STAGES, **PIPELINES}.items():
         _config_args(sub.add_parser(name, help=text, description=text))
     for name, (_, text) in TOOLS.items():
         # Listed for --help only; main() hands their arguments over untouched.
@@ -54,19 +68,31 @@ def _call(target: str, *args):
     return getattr(importlib.import_module(module), func)(*args)
 
 
-def run_stage(name: str, cfg) -> dict:
-    """Run one stage under its own top-level MLflow run."""
+def _tags(cfg, name: str) -> dict:
     from cai_ray.config import STAGE_SECTIONS, stage_hash
-    from cai_ray.tracking import open_store
 
-    module = importlib.import_module(STAGES[name][0])
     tags = {"stage": name}
     if name in STAGE_SECTIONS:
         tags["config_hash"] = stage_hash(cfg, name)
-    store = open_store(cfg, f"{cfg.name}-{name}", tags)
+    return tags
+
+
+def run_command(name: str, cfg) -> dict:
+    """Run a stage, or a pipeline of stages, under one top-level MLflow run."""
+    from cai_ray.tracking import open_store, stage_run
+
+    stages = PIPELINES[name][0] if name in PIPELINES else (name,)
+    store = open_store(cfg, f"{cfg.name}-{name}", _tags(cfg, name))
     store.log_config(cfg)
+    summary = {}
     try:
-        summary = module.run(cfg, store)
+        if name not in PIPELINES:
+            summary = importlib.import_module(STAGES[name][0]).run(cfg, store)
+        for stage in stages if name in PIPELINES else ():
+            print(f"== {name}: stage {stage}", flush=True)
+            with stage_run(store, f"{cfg.name}-{stage}", _tags(cfg, stage)) as child:
+                result = importlib.import_module(STAGES[stage][0]).run(cfg, child)
+            summary[stage] = result.get("output", "done")
     except BaseException:
         store.end("FAILED")
         raise
@@ -78,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Before anything imports ray: keep a local Ray on loopback (see runtime.py).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if argv and argv[0] in TOOLS:
-        return _call(TOOLS[argv[0]][0], argv[1:]) or 0
-    args = _parser().parse_args(argv)
     # MLflow announces its database migrations on stderr; keep errors one line.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
+        if argv and argv[0] in TOOLS:
+            return _call(TOOLS[argv[0]][0], argv[1:]) or 0
+        args = _parser().parse_args(argv)
         from cai_ray.config import load_config, to_yaml
 
         cfg = load_config(args.config, args.overrides)
@@ -91,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         cfg.require(args.command)
-        summary = run_stage(args.command, cfg)
+        summary = run_command(args.command, cfg)
         for key, value in (summary or {}).items():
             print(f"{key}: {value}")
         return 0

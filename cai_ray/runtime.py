@@ -83,6 +83,9 @@ def init_ray(cfg: Any, **overrides: Any) -> dict[str, str]:
         return env
     runtime_env = {"env_vars": env}
     if address is not None:
+        # Inside a Ray Job the job's runtime_env is merged with ours; the job's
+        # keeps its working_dir and pip, ours adds the workers' environment.
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **overrides)
         return env
     kwargs: dict[str, Any] = dict(address="local", num_cpus=cfg.runtime.num_cpus,

@@ -112,7 +112,8 @@ class TokenizedEngine:
         bare = self.tokenizer("x", add_special_tokens=False).input_ids
         # Tokens the tokenizer puts before text (usually BOS); a prompt that
         # already starts with them (chat templates write BOS) does not get them twice.
-        self._prefix = with_special[:len(with_special) - len(bare)] if bare else []
+        start = next((k for k in range(len(with_special)) if with_special[k:k + len(bare)] == bare), 0)
+        self._prefix = with_special[:start]
         self._prefix_text = self.tokenizer.decode(self._prefix) if self._prefix else ""
         self.context = 0  # set by the subclass once the model config is known
 

@@ -46,6 +46,11 @@ class HFEngine(TokenizedEngine):
                              f"({str(exc).strip().splitlines()[0]})") from None
         self.model.to(self.device).eval()
         limits = [getattr(self.model.config, "max_position_embeddings", None), engine.max_model_len]
+        if self.tokenizer.model_max_length < 10**7:  # transformers' "unset" is a huge sentinel
+            limits.append(self.tokenizer.model_max_length)
+        if not any(limits):
+            raise ValueError(f"model.path={model.path}: the model states no context length; "
+                             f"set engine.max_model_len")
         self.context = min(x for x in limits if x)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 
 from cai_ray.config import EngineConfig, ModelConfig, SamplingConfig
-from cai_ray.engines.base import (Completion, TokenizedEngine, cpu_only, read_adapter_config,
-                                  row_seeds)
+from cai_ray.engines.base import (Completion, TokenizedEngine, cpu_only, error_completion,
+                                  read_adapter_config, row_seeds)
 
 
 class VLLMEngine(TokenizedEngine):
@@ -61,9 +61,11 @@ class VLLMEngine(TokenizedEngine):
                                       use_tqdm=False, lora_request=self._lora(adapter))
             for i, out in zip(todo, outs):
                 o = out.outputs[0]
-                reason = "length" if o.finish_reason == "length" else "stop"
-                done[i] = Completion(text=o.text, prompt_tokens=len(ids[i]),
-                                     completion_tokens=len(o.token_ids), finish_reason=reason)
+                if o.finish_reason in ("stop", "length"):
+                    done[i] = Completion(text=o.text, prompt_tokens=len(ids[i]),
+                                         completion_tokens=len(o.token_ids), finish_reason=o.finish_reason)
+                else:  # e.g. "abort": the row failed, the batch goes on
+                    done[i] = error_completion(f"vLLM ended the row with {o.finish_reason!r}", len(ids[i]))
         return [done[i] for i in range(len(prompts))]
 
     def score(self, prompts: list[str], continuations: list[str], adapter: str | None = None) -> list[float]:

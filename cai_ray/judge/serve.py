@@ -17,6 +17,7 @@ request, so the format can be checked from outside.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import urllib.error
 import urllib.request
@@ -60,14 +61,6 @@ class RequestError(ValueError):
         return {"id": self.request_id, "status": self.status, "error": self.reason}
 
 
-def _validation_reason(exc: ValidationError) -> tuple[int, str]:
-    errors = exc.errors(include_url=False)
-    if any(e["type"] == "json_invalid" for e in errors):
-        return 400, f"body is not valid JSON ({errors[0]['msg']})"
-    parts = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors]
-    return 422, "; ".join(parts)
-
-
 def parse_request(payload: Any, max_chars: int) -> JudgeRequest:
     """Validate a dict (handle) or raw JSON bytes (HTTP); RequestError says what is wrong."""
     raw = isinstance(payload, (bytes, bytearray))
@@ -76,7 +69,12 @@ def parse_request(payload: Any, max_chars: int) -> JudgeRequest:
     try:
         req = JudgeRequest.model_validate_json(payload) if raw else JudgeRequest.model_validate(payload)
     except ValidationError as exc:
-        raise RequestError(*_validation_reason(exc), payload.get("id") if isinstance(payload, dict) else None)
+        errors = exc.errors(include_url=False)
+        request_id = payload.get("id") if isinstance(payload, dict) else None
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise RequestError(400, f"body is not valid JSON ({errors[0]['msg']})", request_id) from None
+        reason = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors)
+        raise RequestError(422, reason, request_id) from None
     if not req.prompt.strip():
         raise RequestError(422, "prompt: is empty", req.id)
     size = len(req.prompt) + len(req.response)
@@ -179,16 +177,12 @@ def judge_app(judge: JudgeConfig):
         ray_actor_options={"num_cpus": judge.num_cpus, "num_gpus": judge.num_gpus},
         max_ongoing_requests=judge.max_ongoing_requests,
         max_queued_requests=judge.max_queued_requests,
-        # A judge that cannot start (bad path, no chat template) will not start on a retry either.
-        max_constructor_retry_count=2,
+        # A judge that cannot start (bad path, no chat template, no memory) fails the same way
+        # again: report it after one attempt instead of after Serve's default of 20.
+        max_constructor_retry_count=1,
         # One access-log line per judged row would drown the driver's output.
         logging_config={"enable_access_log": False},
     ).bind(judge)
-
-
-def judge_url(judge: JudgeConfig, route_prefix: str = ROUTE_PREFIX) -> str:
-    host = "127.0.0.1" if judge.host in ("0.0.0.0", "::", "") else judge.host
-    return f"http://{host}:{judge.port}{route_prefix}"
 
 
 def start_judge(judge: JudgeConfig, app_name: str = APP_NAME, route_prefix: str = ROUTE_PREFIX,
@@ -205,10 +199,14 @@ def start_judge(judge: JudgeConfig, app_name: str = APP_NAME, route_prefix: str 
     try:
         serve.run(judge_app(judge), name=app_name, route_prefix=route_prefix)
     except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if "Error: " in ln]
+        # serve.run only says the deployment failed; the replica's traceback is in its status.
+        status = serve.status().applications.get(app_name)
+        text = "\n".join([str(exc)] + [d.message for d in (status.deployments.values() if status else [])])
+        causes = [ln.strip() for ln in text.splitlines() if re.match(r"\s*\w*(Error|Exception): ", ln)]
         raise RuntimeError(f"judge app {app_name!r} failed to start: "
-                           f"{lines[-1] if lines else str(exc).splitlines()[0]}") from None
-    url = judge_url(judge, route_prefix)
+                           f"{causes[-1] if causes else str(exc).splitlines()[0]}") from None
+    host = "127.0.0.1" if judge.host in ("0.0.0.0", "::", "") else judge.host
+    url = f"http://{host}:{judge.port}{route_prefix}"
     deadline, last = time.monotonic() + ready_timeout_s, ""
     while time.monotonic() < deadline:  # the proxy learns new routes a moment after serve.run
         try:

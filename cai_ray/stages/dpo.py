@@ -31,11 +31,16 @@ def run(cfg: Config, store: Store) -> dict:
     out = output_dir(cfg, "dpo")
     start = sft_policy(cfg)
     source = dpo_source(cfg)
+    reference = {"policy": start, "weights_sha256": weights_sha256(start),
+                 "how": "SFT policy merged into the base; reference log-probs computed once, before "
+                        "training, with the DPO adapter disabled" if cfg.train.lora.enabled else
+                        "SFT policy; reference log-probs computed once from the starting weights"}
     inputs = {"data": source, "data_sha256": fingerprint(source),
-              "reference": start, "reference_sha256": weights_sha256(start)}
+              "reference": start, "reference_sha256": reference["weights_sha256"]}
     done = finished(out, inputs)
     if done is not None:
         store.set_tags({"skipped": "complete output for this config", "stage_dir": out})
         return summary(done, skipped=True)
-    manifest = run_training(cfg, store, "dpo", read_dpo(cfg), out, inputs, start=start)
+    manifest = run_training(cfg, store, "dpo", read_dpo(cfg), out, inputs, start=start,
+                            extra={"reference": reference})
     return summary(manifest, skipped=False)

@@ -20,7 +20,7 @@ def run(cfg: Config, store: Store) -> dict:
     print(f"serve-judge: {judge.model.path} (role={judge.model.role}, "
           f"{'chat template' if judge.model.role == 'instruct' else 'few-shot'} prompts, "
           f"{judge.replicas} replica(s)) at {url}\n"
-          f"  POST {url}  {{\"rubric\": ..., \"prompt\": ..., \"response\": ..., \"style\": ..., \"id\": ...}}\n"
+          f"  POST {url}  JSON {{rubric, prompt, response, style?, id?}}\n"
           f"  POST {url}/render  (the exact judge prompt)   GET {url}/healthz\n"
           f"  Ctrl-C to stop", flush=True)
     try:

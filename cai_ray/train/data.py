@@ -23,8 +23,10 @@ completion token is dropped and counted, since it has nothing to learn from.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,6 +38,7 @@ from cai_ray.constitution.format import HUMAN, conversation_prompt, spaced
 SFT_COLUMNS = ("prompt", "completion")
 DPO_COLUMNS = ("prompt", "chosen", "rejected")
 IGNORE_INDEX = -100
+SAMPLES = "samples:"
 _CONVERSATION_START = f"\n\n{HUMAN}:"
 
 
@@ -62,10 +65,8 @@ def dpo_source(cfg: Config) -> str:
 
 def fingerprint(source: str) -> str:
     """sha256 of the file behind ``source`` (shipped sets included), so a changed file retrains."""
-    from importlib import resources
-
-    if source.startswith("samples:"):
-        handle = resources.files("cai_ray.data").joinpath("samples", f"{source[8:]}.jsonl")
+    if source.startswith(SAMPLES):
+        handle = resources.files("cai_ray.data").joinpath("samples", f"{source[len(SAMPLES):]}.jsonl")
         blob = handle.read_bytes() if handle.is_file() else source.encode()
         return hashlib.sha256(blob).hexdigest()
     path = Path(source).expanduser()
@@ -78,20 +79,50 @@ def fingerprint(source: str) -> str:
     return digest.hexdigest()
 
 
-def _columns(source: str, key: str) -> tuple[str, dict[str, list], Optional[list[int]]]:
-    """(name for messages, {column: values}, jsonl line numbers or None) of one file or shipped set."""
-    from cai_ray.data import DataError, read_source
+def _jsonl(lines, name: str) -> tuple[dict[str, list], list[int]]:
+    rows, numbers = [], []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name}: line {n} is not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{name}: line {n} is a JSON {type(row).__name__}, not an object")
+        rows.append(row)
+        numbers.append(n)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return {k: [row.get(k) for row in rows] for k in keys}, numbers
 
-    if not source.startswith("samples:") and not Path(source).expanduser().is_file():
+
+def _columns(source: str, key: str) -> tuple[str, dict[str, list], Optional[list[int]]]:
+    """(name for messages, {column: values}, jsonl line numbers or None) of a file or shipped set."""
+    if source.startswith(SAMPLES):
+        handle = resources.files("cai_ray.data").joinpath("samples", f"{source[len(SAMPLES):]}.jsonl")
+        if not handle.is_file():
+            raise ValueError(f"{key}={source}: no such shipped set in cai_ray/data/samples")
+        with handle.open("r", encoding="utf-8") as fh:
+            return (source, *_jsonl(fh, f"{key}: {source}"))
+    path = Path(source).expanduser()
+    if not path.is_file():
         raise ValueError(f"{key}={source}: file does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow's messages run over several lines
+            raise ValueError(f"{key}: {path} is not a readable parquet file "
+                             f"({str(exc).strip().splitlines()[0]})") from None
+        return str(path), table.to_pydict(), None
+    if path.suffix != ".jsonl":
+        raise ValueError(f"{key}={source}: use a .jsonl or .parquet file, or samples:NAME")
     try:
-        _, parts = read_source(source)
-    except DataError as exc:
-        raise ValueError(f"{key}: {exc}") from None
-    name, columns, lines = parts[0]
-    if hasattr(columns, "column_names"):
-        columns = {c: columns.column(c).to_pylist() for c in columns.column_names}
-    return name, columns, lines
+        with open(path, encoding="utf-8") as fh:
+            return (str(path), *_jsonl(fh, f"{key}: {path}"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{key}: {path} is not UTF-8 text") from None
 
 
 def read_rows(source: str, required: tuple[str, ...], optional: tuple[str, ...] = (),

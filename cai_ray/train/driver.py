@@ -54,8 +54,8 @@ def finished(out: Path, inputs: dict) -> Optional[dict]:
 
 
 def summary(manifest: dict, skipped: bool) -> dict:
-    """The few lines the CLI prints."""
-    return {"stage_dir": manifest["paths"]["stage_dir"], "adapter": manifest["paths"]["adapter"],
+    """The few lines the CLI prints; ``output`` is the stage folder, as every stage returns it."""
+    return {"output": manifest["paths"]["stage_dir"], "adapter": manifest["paths"]["adapter"],
             "merged": manifest["paths"]["merged"], "steps": manifest["steps"],
             "final_loss": manifest["final_loss"], "tokens_per_s": manifest["tokens_per_s"],
             "skipped": skipped}
@@ -71,7 +71,7 @@ def _run_name(cfg: Config, kind: str, out: Path) -> str:
 
 
 def fit(cfg: Config, job: Any, out: Path):
-    """Run the job on Ray Train; returns (Result, run name, seconds from fit() to the first step)."""
+    """Run the job on Ray Train; returns (Result, run name, start-up timings)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -95,8 +95,11 @@ def fit(cfg: Config, job: Any, out: Path):
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise RuntimeError(f"{job.kind}: Ray Train run {name} failed after {train.max_failures} "
                            f"retries: {type(cause).__name__}: {first}") from exc
-    first_step = result.metrics.get("first_step_at", started) - started
-    return result, name, first_step
+    # Seconds from fit() to: the loop starting on rank 0 (workers up, imports done), the
+    # engine ready (model + DeepSpeed + DPO reference pass), the first step done.
+    startup = {key[:-3]: round(result.metrics[key] - started, 2)
+               for key in ("loop_entered_at", "engine_ready_at", "first_step_at") if key in result.metrics}
+    return result, name, startup
 
 
 def _install(src: Path, dest: Path) -> None:
@@ -153,7 +156,7 @@ def write_outputs(cfg: Config, out: Path, manifest: dict, store: Store) -> None:
 
 
 def run_training(cfg: Config, store: Store, kind: str, rows: list[dict], out: Path, inputs: dict,
-                 start: Optional[str] = None) -> dict:
+                 start: Optional[str] = None, extra: Optional[dict] = None) -> dict:
     """Check the model, tokenise, train on Ray, publish; returns the manifest.
 
     ``start`` is the SFT policy DPO starts from and uses as its reference: a PEFT
@@ -180,7 +183,7 @@ def run_training(cfg: Config, store: Store, kind: str, rows: list[dict], out: Pa
     job = Job(kind=kind, cfg=cfg, model_path=model_path, data=ray.put(data), total_steps=steps,
               pad_id=tokenizer.pad_token_id, lr=section.lr, start=start, store=store,
               fail_once=os.environ.get(FAIL_ONCE_ENV))
-    result, name, first_step = fit(cfg, job, out)
+    result, name, startup = fit(cfg, job, out)
     store.set_tags({"ray_run": name})
     with result.checkpoint.as_directory() as folder:
         paths = publish(cfg, kind, out, Path(folder), tokenizer, model_path, start)
@@ -189,12 +192,12 @@ def run_training(cfg: Config, store: Store, kind: str, rows: list[dict], out: Pa
         "stage": kind, "config_hash": out.name, "inputs": inputs, "data": data.stats,
         "steps": metrics["step"], "final_loss": metrics.get("loss"), "tokens": metrics["tokens_seen"],
         "tokens_per_s": metrics["attempt_tokens_per_s"],
-        "train_seconds": metrics["train_seconds"], "time_to_first_step_s": first_step,
+        "train_seconds": metrics["train_seconds"], "startup_s": startup,
         "resumed_from_step": metrics["resumed_from"],
         "final_metrics": {k: v for k, v in metrics.items() if "/" in k or k in ("loss", "lr")},
         "base_model": base if paths["adapter"] else None, "mlflow_run_id": store.run_id,
         "ray_run": {"name": name, "storage_path": str(cfg.storage_path), "checkpoint": result.checkpoint.path},
-        "paths": paths,
+        "paths": paths, **(extra or {}),
     }
     write_outputs(cfg, out, manifest, store)
     return manifest

@@ -181,6 +181,9 @@ def _maybe_fail(job: Job, rank: int, step: int) -> None:
     want_rank, want_step, marker = job.fail_once.split(":", 2)
     if rank == int(want_rank) and step == int(want_step) and not os.path.exists(marker):
         Path(marker).write_text(f"rank {rank} failed after step {step}\n")
+        # Ray Train's controller collects reports at its health-check interval; a worker
+        # dying sooner after a report loses that checkpoint, and tests check the exact step.
+        time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1.0)
         os._exit(1)
 
 
@@ -193,6 +196,7 @@ def train_loop(config: dict) -> None:
     from cai_ray.train.deepspeed import start_engine
     from cai_ray.train.lora import load_policy
 
+    entered_at = time.time()
     job: Job = config["job"]
     train = job.cfg.train
     context = ray.train.get_context()
@@ -210,10 +214,12 @@ def train_loop(config: dict) -> None:
     ref = reference_logps(engine, data, schedule, steps, rank, job) if job.kind == "dpo" else None
     if state["step"]:
         load_checkpoint(engine, job)
-    _run_steps(engine, data, schedule, steps, rank, job, ref, store, state)
+    marks = {"loop_entered_at": entered_at, "engine_ready_at": time.time()}
+    _run_steps(engine, data, schedule, steps, rank, job, ref, store, state, marks)
 
 
-def _run_steps(engine, data, schedule, steps: range, rank: int, job: Job, ref, store, state: dict) -> None:
+def _run_steps(engine, data, schedule, steps: range, rank: int, job: Job, ref, store, state: dict,
+               marks: dict) -> None:
     train = job.cfg.train
     window, metrics = [], {}
     tick = started = time.time()
@@ -234,7 +240,7 @@ def _run_steps(engine, data, schedule, steps: range, rank: int, job: Job, ref, s
             save_checkpoint(engine, state, metrics, job)
         _maybe_fail(job, rank, state["step"])
     seconds = time.time() - started
-    timing = {"train_seconds": seconds, "first_step_at": first_step_at or time.time(),
+    timing = {**marks, "train_seconds": seconds, "first_step_at": first_step_at or time.time(),
               "resumed_from": steps.start,
               "attempt_tokens_per_s": (state["tokens_seen"] - tokens_at_start) / max(seconds, 1e-9)}
     export(engine, job, {**state, "final": True}, {**metrics, **timing})

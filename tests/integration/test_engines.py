@@ -161,14 +161,18 @@ def vllm_engine(tiny):
 
 @pytest.mark.vllm
 def test_vllm_greedy_matches_hf(hf, vllm_engine):
-    for params, stop in ((GREEDY, None), (SamplingConfig(temperature=0.0, max_new_tokens=30), None)):
-        want = hf.generate(PROMPTS + ["the " * 3000], params, stop=stop)
-        got = vllm_engine.generate(PROMPTS + ["the " * 3000], params, stop=stop)
+    free = SamplingConfig(temperature=0.0, max_new_tokens=30)
+    for params in (GREEDY, free):
+        want = hf.generate(PROMPTS + ["the " * 3000], params)
+        got = vllm_engine.generate(PROMPTS + ["the " * 3000], params)
         assert got[:-1] == want[:-1]
         assert got[-1].finish_reason == "error" and "3001 tokens" in got[-1].error
     stop = [_ascii_pair(want[0].text)]
-    params = SamplingConfig(temperature=0.0, max_new_tokens=30)
-    assert vllm_engine.generate(PROMPTS, params, stop=stop) == hf.generate(PROMPTS, params, stop=stop)
+    cut = hf.generate(PROMPTS, free, stop=stop)
+    assert vllm_engine.generate(PROMPTS, free, stop=stop) == cut
+    # Same rule for stop strings inside the first min_new_tokens tokens.
+    late = SamplingConfig(temperature=0.0, max_new_tokens=30, min_new_tokens=cut[0].completion_tokens + 1)
+    assert vllm_engine.generate(PROMPTS, late, stop=stop) == hf.generate(PROMPTS, late, stop=stop)
 
 
 @pytest.mark.vllm
