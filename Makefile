@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 quickstart: env
 	$(BIN)/cai-ray tiny-model $(QUICKSTART_MODELS)/tiny-base --flavour base
 	$(BIN)/cai-ray tiny-model $(QUICKSTART_MODELS)/tiny-chat --flavour chat
-	$(BIN)/cai-ray generate configs/quickstart.yaml
+	$(BIN)/cai-ray run configs/quickstart.yaml
 
 test: env
 	$(BIN)/python -m pytest tests -q

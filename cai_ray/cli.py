@@ -26,11 +26,11 @@ STAGES: dict[str, tuple[str, str]] = {
     "serve-judge": ("cai_ray.stages.serve_judge",
                     "run the judge on Ray Serve (HTTP on judge.host:judge.port) until Ctrl-C"),
 }
-# Pipelines: stages run in order under one parent MLflow run, a child run each.
-# A finished stage returns its manifest, so a rerun skips it and resumes the first unfinished one.
-PIPELINES: dict[str, tuple[tuple[str, ...], str]] = {
-    "run": (("generate", "sft", "dpo", "evaluate"),
-            "the whole pipeline: generate -> SFT -> DPO -> evaluate, resumable"),
+# Commands that chain stages (see pipeline.py): name -> (module:function, help).
+PIPELINES: dict[str, tuple[str, str]] = {
+    "run": ("cai_ray.pipeline:run", "the whole pipeline: generate -> SFT -> DPO -> evaluate, resumable"),
+    "sweep": ("cai_ray.pipeline:sweep",
+              "DPO + evaluate on nested pair subsets x seeds, one generation pass and one SFT checkpoint"),
 }
 # Tool commands with their own argument parsing: name -> (module:function, help).
 TOOLS: dict[str, tuple[str, str]] = {
@@ -68,31 +68,18 @@ def _call(target: str, *args):
     return getattr(importlib.import_module(module), func)(*args)
 
 
-def _tags(cfg, name: str) -> dict:
-    from cai_ray.config import STAGE_SECTIONS, stage_hash
-
-    tags = {"stage": name}
-    if name in STAGE_SECTIONS:
-        tags["config_hash"] = stage_hash(cfg, name)
-    return tags
-
-
 def run_command(name: str, cfg) -> dict:
-    """Run a stage, or a pipeline of stages, under one top-level MLflow run."""
-    from cai_ray.tracking import open_store, stage_run
+    """Run a stage or a pipeline under one top-level MLflow run."""
+    from cai_ray.pipeline import stage_tags
+    from cai_ray.tracking import open_store
 
-    stages = PIPELINES[name][0] if name in PIPELINES else (name,)
-    store = open_store(cfg, f"{cfg.name}-{name}", _tags(cfg, name))
+    store = open_store(cfg, f"{cfg.name}-{name}", stage_tags(cfg, name))
     store.log_config(cfg)
-    summary = {}
     try:
-        if name not in PIPELINES:
+        if name in PIPELINES:
+            summary = _call(PIPELINES[name][0], cfg, store)
+        else:
             summary = importlib.import_module(STAGES[name][0]).run(cfg, store)
-        for stage in stages if name in PIPELINES else ():
-            print(f"== {name}: stage {stage}", flush=True)
-            with stage_run(store, f"{cfg.name}-{stage}", _tags(cfg, stage)) as child:
-                result = importlib.import_module(STAGES[stage][0]).run(cfg, child)
-            summary[stage] = result.get("output", "done")
     except BaseException:
         store.end("FAILED")
         raise

@@ -220,17 +220,14 @@ def _split_point(prompt_ids: list[int], fulls: list[list[int]]) -> int:
     return n
 
 
-def _with_eos(text: str, eos: str) -> str:
-    return text if text.endswith(eos) else text + eos
-
-
 def _encode(tok, prompts: list[str], completions: list[list[str]], max_length: int):
     """Per row: (full token lists cut to max_length, split point) or None when nothing is left to learn.
 
     One split point serves every completion of a row (the earliest), as TRL does for a pair."""
     eos = tok.eos_token
     prompt_ids = tok(prompts).input_ids
-    sides = [tok([p + _with_eos(c[k], eos) for p, c in zip(prompts, completions)]).input_ids
+    # EOS appended as text unless already there, as TRL does.
+    sides = [tok([p + c[k] + ("" if c[k].endswith(eos) else eos) for p, c in zip(prompts, completions)]).input_ids
              for k in range(len(completions[0]))]
     out = []
     for i, p_ids in enumerate(prompt_ids):

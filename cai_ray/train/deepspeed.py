@@ -43,18 +43,14 @@ def ds_config(train: TrainConfig, lr: float) -> dict:
     }
 
 
-def _skip_shm_build() -> None:
-    import deepspeed.ops
-
-    # Probing fills the dict once per process; later lookups read this same dict.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def start_engine(model: torch.nn.Module, train: TrainConfig, lr: float, total_steps: int):
     """A DeepSpeed engine over the trainable parameters, in the current (Ray Train) process group."""
     import deepspeed
+    import deepspeed.ops
 
-    _skip_shm_build()
+    # No shm allreduce build (see the module notes).  The probe fills this dict once per
+    # process and every later lookup reads the same dict, so the edit holds.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")
 
     def schedule(optimizer):

@@ -61,13 +61,15 @@ def summary(manifest: dict, skipped: bool) -> dict:
             "skipped": skipped}
 
 
-def _run_name(cfg: Config, kind: str, out: Path) -> str:
+def _run_name(cfg: Config, kind: str, out: Path) -> tuple[str, str]:
+    """(Ray Train run name, storage path): the recorded pair when resuming, else a new name."""
     state = out / RUN_STATE
     if cfg.train.resume and state.is_file():
-        return json.loads(state.read_text())["name"]
+        recorded = json.loads(state.read_text())
+        return recorded["name"], recorded["storage_path"]
     name = f"{kind}-{out.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     write_atomic(state, json.dumps({"name": name, "storage_path": str(cfg.storage_path)}) + "\n")
-    return name
+    return name, str(cfg.storage_path)
 
 
 def fit(cfg: Config, job: Any, out: Path):
@@ -78,28 +80,39 @@ def fit(cfg: Config, job: Any, out: Path):
     from cai_ray.train.loops import train_loop
 
     train = cfg.train
-    name = _run_name(cfg, job.kind, out)
+    name, storage = _run_name(cfg, job.kind, out)
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop, train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=str(cfg.storage_path),
+        run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     started = time.time()
     try:
         result = trainer.fit()
     except Exception as exc:
-        cause = exc.__cause__ or exc
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise RuntimeError(f"{job.kind}: Ray Train run {name} failed after {train.max_failures} "
-                           f"retries: {type(cause).__name__}: {first}") from exc
+                           f"retries; {_failure_line(exc)} (worker logs: CAI_RAY_DEBUG=1 or the Ray "
+                           f"session logs)") from exc
     # Seconds from fit() to: the loop starting on rank 0 (workers up, imports done), the
     # engine ready (model + DeepSpeed + DPO reference pass), the first step done.
     startup = {key[:-3]: round(result.metrics[key] - started, 2)
                for key in ("loop_entered_at", "engine_ready_at", "first_step_at") if key in result.metrics}
     return result, name, startup
+
+
+def _failure_line(exc: BaseException) -> str:
+    """Each failing rank's last error line (the exception itself, not Ray's preamble); a rank that
+    died shows up next to the ranks whose collectives then broke."""
+    failures = sorted((getattr(exc, "worker_failures", None) or {}).items()) or [(None, exc)]
+    parts = []
+    for rank, cause in failures:
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        last = (lines[-1] if lines else type(cause).__name__)[:200]
+        parts.append(f"rank {rank}: {last}" if rank is not None else last)
+    return "; ".join(parts)
 
 
 def _install(src: Path, dest: Path) -> None:
@@ -167,14 +180,14 @@ def run_training(cfg: Config, store: Store, kind: str, rows: list[dict], out: Pa
     from cai_ray.engines.base import resolve_model_path
     from cai_ray.runtime import init_ray
     from cai_ray.train.data import tokenize, total_steps
-    from cai_ray.train.lora import check_targets, is_adapter, load_tokenizer, skeleton
+    from cai_ray.train.lora import check_targets, is_adapter, load_tokenizer
     from cai_ray.train.loops import Job
 
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(cfg.model, model_path)
     base = start if start and not is_adapter(start) else model_path
     if cfg.train.lora.enabled:
-        check_targets(skeleton(cfg.model, base), cfg.train.lora.target_modules, base)
+        check_targets(cfg.model, base, cfg.train.lora.target_modules)
     data = tokenize(tokenizer, rows, kind, cfg.train.max_length)
     (out / MANIFEST).unlink(missing_ok=True)
     init_ray(cfg)
@@ -196,7 +209,7 @@ def run_training(cfg: Config, store: Store, kind: str, rows: list[dict], out: Pa
         "resumed_from_step": metrics["resumed_from"],
         "final_metrics": {k: v for k, v in metrics.items() if "/" in k or k in ("loss", "lr")},
         "base_model": base if paths["adapter"] else None, "mlflow_run_id": store.run_id,
-        "ray_run": {"name": name, "storage_path": str(cfg.storage_path), "checkpoint": result.checkpoint.path},
+        "ray_run": {"name": name, "checkpoint": result.checkpoint.path},
         "paths": paths, **(extra or {}),
     }
     write_outputs(cfg, out, manifest, store)

@@ -91,8 +91,8 @@ def train_step(engine, data: TrainSet, schedule: Schedule, step: int, rank: int,
         batch = collate(data, schedule.micro_batch(step, micro, rank), job.pad_id)
         if job.kind == "sft":
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, metrics = sft_loss(logits, batch["labels"]), {}
-            metrics["loss"] = loss.item()
+            loss = sft_loss(logits, batch["labels"])
+            metrics = {"loss": loss.item()}
         else:
             loss, metrics = _dpo_micro(engine, batch, ref[step, micro], job)
         engine.backward(loss)
@@ -104,8 +104,8 @@ def train_step(engine, data: TrainSet, schedule: Schedule, step: int, rank: int,
     return sums
 
 
-def window_means(window: list[dict[str, float]], seconds: float) -> dict[str, float]:
-    """Means over the steps of a logging window and over all ranks (one all-reduce)."""
+def window_means(window: list[dict[str, float]], seconds: float) -> tuple[dict[str, float], float]:
+    """Means over the steps of a logging window and over all ranks (one all-reduce), and its tokens."""
     import torch.distributed as dist
 
     keys = sorted(window[0])
@@ -117,8 +117,7 @@ def window_means(window: list[dict[str, float]], seconds: float) -> dict[str, fl
     tokens = summed.pop("tokens")
     means = {k: v / n for k, v in summed.items()}
     means["tokens_per_s"] = tokens / max(seconds, 1e-9)
-    means["tokens"] = tokens
-    return means
+    return means, tokens
 
 
 def _rank0_write(path: Path, payload: dict) -> None:
@@ -231,9 +230,9 @@ def _run_steps(engine, data, schedule, steps: range, rank: int, job: Job, ref, s
         checkpoint = state["step"] % train.checkpoint_every == 0 and state["step"] < job.total_steps
         # A checkpoint closes the window too, so its token count is exact on restore.
         if checkpoint or state["step"] % train.log_every == 0 or state["step"] == job.total_steps:
-            metrics = window_means(window, time.time() - tick)
-            state["tokens_seen"] += metrics["tokens"]
-            metrics["lr"] = engine.get_lr()[0]
+            metrics, tokens = window_means(window, time.time() - tick)
+            state["tokens_seen"] += tokens
+            metrics.update(lr=engine.get_lr()[0], tokens_seen=state["tokens_seen"])
             store.log_metrics(metrics, step=state["step"])
             window, tick = [], time.time()
         if checkpoint:

@@ -33,25 +33,13 @@ def load_tokenizer(model: ModelConfig, path: str):
     return tok
 
 
-def linear_names(model: torch.nn.Module) -> list[str]:
-    """Last name component of every Linear module (what peft's target_modules match)."""
-    from transformers.pytorch_utils import Conv1D
+def check_targets(model: ModelConfig, path: str, targets: list[str]) -> None:
+    """Fail with one line when a LoRA target names no Linear module of the model at ``path``.
 
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, (torch.nn.Linear, Conv1D)) and name})
-
-
-def check_targets(model: torch.nn.Module, targets: list[str], model_path: str) -> None:
-    available = linear_names(model)
-    missing = [t for t in targets if t not in available]
-    if missing:
-        raise ValueError(f"train.lora.target_modules: {', '.join(missing)} not found in {model_path}; "
-                         f"its Linear modules are: {', '.join(available[:12])}")
-
-
-def skeleton(model: ModelConfig, path: str) -> torch.nn.Module:
-    """The model's module tree on the meta device: free to build, enough to check LoRA targets."""
+    The model is built on the meta device from its config alone: no weights load.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
     try:
         config = AutoConfig.from_pretrained(path, revision=model.revision,
@@ -60,7 +48,14 @@ def skeleton(model: ModelConfig, path: str) -> torch.nn.Module:
         raise ValueError(f"model.path={model.path}: no usable model config "
                          f"({str(exc).strip().splitlines()[0]})") from None
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+    # peft matches target_modules against the last component of module names.
+    available = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
+                        if isinstance(module, (torch.nn.Linear, Conv1D)) and name})
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ValueError(f"train.lora.target_modules: {', '.join(missing)} not found in {path}; "
+                         f"its Linear modules are: {', '.join(available[:12])}")
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -91,18 +86,18 @@ def load_policy(model: ModelConfig, path: str, lora: LoraConfig, start: Optional
     from transformers import AutoModelForCausalLM
 
     source = start if start and not is_adapter(start) else path
-    base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, revision=None if start else
-                                                model.revision, trust_remote_code=model.trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
+                                                revision=model.revision if source == path else None,
+                                                trust_remote_code=model.trust_remote_code)
     if start and is_adapter(start):
         from peft import PeftModel
 
         base = PeftModel.from_pretrained(base, start).merge_and_unload()
     if not lora.enabled:
-        return base
+        return base.requires_grad_(True)  # a merged adapter leaves the base frozen
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    check_targets(base, lora.target_modules, source)
     spec = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(base, spec)

@@ -221,10 +221,10 @@ def test_fresh_runs_get_new_names_and_resume_reuses_the_recorded_one(full_dpo):
     cfg = copy.deepcopy(full_dpo["cfg"])
     out = Path(full_dpo["summary"]["output"])
     recorded = json.loads((out / RUN_STATE).read_text())["name"]
-    assert _run_name(cfg, "dpo", out) == recorded
+    assert _run_name(cfg, "dpo", out)[0] == recorded
     cfg.train.resume = False
-    fresh = _run_name(cfg, "dpo", out)
-    assert fresh != recorded and fresh != _run_name(cfg, "dpo", out)
+    fresh = _run_name(cfg, "dpo", out)[0]
+    assert fresh != recorded and fresh != _run_name(cfg, "dpo", out)[0]
 
 
 def test_full_fine_tuning_exports_a_model_and_starts_at_its_reference(full_dpo):

@@ -1,0 +1,180 @@
+"""Stages composed: ``run`` (the whole pipeline) and ``sweep`` (DPO data size x seeds).
+
+Like the CLI, and unlike every component, this module may import stages: it
+is the one place that chains them.  Stages never import each other.  Every
+stage returns its saved manifest when its output for the config already
+exists, so rerunning an interrupted pipeline or sweep skips finished work and
+resumes the first unfinished stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import json
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from cai_ray.config import STAGE_SECTIONS, ArmConfig, Config, stage_dir, stage_hash
+from cai_ray.tracking import Store, stage_run, write_atomic
+
+PIPELINE = ("generate", "sft", "dpo", "evaluate")
+SWEEP_METRICS = ("asr", "over_refusal", "helpfulness")
+
+
+def _stage(name: str):
+    return importlib.import_module(f"cai_ray.stages.{name}")
+
+
+def stage_tags(cfg: Config, stage: str, **extra) -> dict:
+    tags = {"stage": stage, **extra}
+    if stage in STAGE_SECTIONS:
+        tags["config_hash"] = stage_hash(cfg, stage)
+    return tags
+
+
+def _child(parent: Store, cfg: Config, stage: str, name: str, **tags) -> dict:
+    print(f"== {name}", flush=True)
+    with stage_run(parent, name, stage_tags(cfg, stage, **tags)) as child:
+        return _stage(stage).run(cfg, child)
+
+
+def run(cfg: Config, store: Store) -> dict:
+    """generate -> SFT -> DPO -> evaluate (base, SFT and DPO arms), one child run each."""
+    results = {}
+    for stage in ("generate", "sft", "dpo"):
+        results[stage] = _child(store, cfg, stage, f"{cfg.name}-{stage}")
+    cfg = copy.deepcopy(cfg)
+    if not any(a.adapter for a in cfg.evaluate.arms):
+        # The default arms: the base model, then each adapter this run trained.
+        cfg.evaluate.arms = [ArmConfig(name="base"), ArmConfig(name="sft", adapter=results["sft"]["adapter"]),
+                             ArmConfig(name="dpo", adapter=results["dpo"]["adapter"])]
+    results["evaluate"] = _child(store, cfg, "evaluate", f"{cfg.name}-evaluate")
+    store.set_tags({"outputs": json.dumps({k: v.get("output") for k, v in results.items()})})
+    return {stage: r.get("output") for stage, r in results.items()}
+
+
+def nested_subsets(pairs: Path, sizes: list[int], seed: int, out: Path) -> dict[int, Path]:
+    """Files of the first n pairs in a seed-fixed order, so each size contains the smaller ones."""
+    table = pq.read_table(pairs)
+    ids = table.column("id").to_pylist()
+    order = sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}\x00{ids[i]}".encode()).digest())
+    files = {}
+    for n in sizes:
+        path = out / f"seed{seed}" / f"pairs-{n}.parquet"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            pq.write_table(table.take(order[:n]), tmp)
+            os.replace(tmp, path)
+        files[n] = path
+    return files
+
+
+def _point_config(cfg: Config, sft_adapter: str, subset: Path, size: int, seed: int) -> Config:
+    point = copy.deepcopy(cfg)
+    point.name = f"{cfg.name}-n{size}-s{seed}"
+    point.seed = seed
+    point.dpo.data = str(subset)
+    # One SFT checkpoint serves every point: pin it rather than re-deriving it per seed.
+    point.dpo.sft_adapter = sft_adapter
+    return point
+
+
+def _evaluate(parent: Store, cfg: Config, name: str, arm: ArmConfig, lock: threading.Lock, **tags) -> dict:
+    cfg = copy.deepcopy(cfg)
+    cfg.evaluate.arms = [arm]
+    # One judge app at a time: evaluations share its name and its port.
+    with lock:
+        result = _child(parent, cfg, "evaluate", name, **tags)
+    report = json.loads((Path(result["output"]) / "report.json").read_text())
+    return report["arms"][arm.name]["metrics"]
+
+
+def _point(parent: Store, cfg: Config, sft_adapter: str, subset: Path, size: int, seed: int,
+           generate_run: str, lock: threading.Lock) -> dict:
+    point = _point_config(cfg, sft_adapter, subset, size, seed)
+    tags = {"size": size, "seed": seed, "generate_run": generate_run}
+    dpo = _child(parent, point, "dpo", f"{point.name}-dpo", **tags)
+    metrics = _evaluate(parent, point, f"{point.name}-evaluate", ArmConfig(name="dpo", adapter=dpo["adapter"]),
+                        lock, **tags)
+    return {"size": size, "seed": seed, "adapter": dpo["adapter"], "metrics": metrics}
+
+
+def _value(metrics: dict, name: str) -> float | None:
+    entry = metrics.get(name) or {}
+    return entry.get("rate", entry.get("mean"))
+
+
+def log_sweep(store: Store, points: list[dict], baseline: dict, names=SWEEP_METRICS) -> list[dict]:
+    """Mean and interval over seeds per size, as an MLflow table and a log-scale plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cai_ray.stats import summarize_over_seeds
+
+    rows = []
+    for size in sorted({p["size"] for p in points}):
+        row = {"pairs": size, "seeds": sum(p["size"] == size for p in points)}
+        for name in names:
+            values = [v for p in points if p["size"] == size and (v := _value(p["metrics"], name)) is not None]
+            # One seed has no spread: its interval is left empty rather than NaN.
+            stats = summarize_over_seeds(values) if values else (None, None, None)
+            mean, lo, hi = (None if x is None or math.isnan(x) else float(x) for x in stats)
+            row.update({name: mean, f"{name}_lo": lo, f"{name}_hi": hi})
+            row[f"sft_{name}"] = _value(baseline, name)
+        rows.append(row)
+    store.log_table({k: [r[k] for r in rows] for k in rows[0]}, "sweep_summary.json")
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
+    for ax, name in zip(axes, names):
+        shown = [r for r in rows if r[name] is not None]
+        ys = [r[name] for r in shown]
+        below = [r[name] - (r[f"{name}_lo"] if r[f"{name}_lo"] is not None else r[name]) for r in shown]
+        above = [(r[f"{name}_hi"] if r[f"{name}_hi"] is not None else r[name]) - r[name] for r in shown]
+        ax.errorbar([r["pairs"] for r in shown], ys, yerr=[below, above], marker="o", capsize=3,
+                    label="SFT + DPO (mean over seeds)")
+        base = baseline.get(name) or {}
+        if base.get("lo") is not None and base.get("hi") is not None:
+            ax.axhspan(base["lo"], base["hi"], alpha=0.2, color="grey", label="SFT only (95% CI)")
+        ax.set_xscale("log")
+        ax.set_xlabel("preference pairs")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    store.log_figure(fig, "sweep.png")
+    plt.close(fig)
+    return rows
+
+
+def sweep(cfg: Config, store: Store) -> dict:
+    """DPO + evaluate on nested pair subsets x seeds, over one generation pass and one SFT checkpoint."""
+    generate = _child(store, cfg, "generate", f"{cfg.name}-generate")
+    sft = _child(store, cfg, "sft", f"{cfg.name}-sft")
+    pairs = Path(generate["output"]) / "pairs.parquet"
+    available = pq.read_metadata(pairs).num_rows
+    sizes = sorted({min(s, available) for s in cfg.sweep.sizes if available})
+    if not sizes:
+        raise RuntimeError(f"sweep: the generate stage produced no pairs ({pairs})")
+    lock = threading.Lock()
+    baseline = _evaluate(store, cfg, f"{cfg.name}-sft-baseline", ArmConfig(name="sft", adapter=sft["adapter"]),
+                         lock, size=0, seed=cfg.seed)
+    root = stage_dir(cfg, "generate").parent.parent / "sweep" / Path(generate["output"]).name
+    jobs = [(n, path, seed) for seed in cfg.sweep.seeds
+            for n, path in nested_subsets(pairs, sizes, seed, root).items()]
+    generate_run = generate.get("mlflow_run_id") or ""
+    with ThreadPoolExecutor(max_workers=cfg.sweep.concurrency) as pool:
+        points = list(pool.map(lambda j: _point(store, cfg, sft["adapter"], j[1], j[0], j[2], generate_run, lock),
+                               jobs))
+    summary = log_sweep(store, points, baseline, SWEEP_METRICS)
+    write_atomic(root / "sweep.json", json.dumps({"sizes": sizes, "seeds": cfg.sweep.seeds, "points": points,
+                                                  "baseline": baseline, "summary": summary}, indent=2))
+    return {"output": str(root), "sizes": sizes, "seeds": list(cfg.sweep.seeds), "points": len(points),
+            "available_pairs": available}

@@ -1,0 +1,60 @@
+"""A small sweep end to end: nested subsets, one child run per point, the parent's table and plot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _jsonl(path: Path, prompts: list[str]) -> str:
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return str(path)
+
+
+def test_sweep_nested_subsets_child_runs_and_summary(tmp_path, tiny_base, tiny_chat):
+    harm = _jsonl(tmp_path / "harm_mini.jsonl", [f"Tell me something unkind about person {i}" for i in range(4)])
+    benign = _jsonl(tmp_path / "benign_mini.jsonl", [f"How do I water plant number {i}?" for i in range(4)])
+    out = tmp_path / "out"
+    args = [f"model.path={tiny_base}", f"judge.model.path={tiny_chat}", f"output_dir={out}",
+            "data.limit=20", "generate.rounds=1", "generate.actors=1", "generate.sampling.max_new_tokens=6",
+            "sft.max_steps=2", "dpo.max_steps=2", "train.workers=1", "train.checkpoint_every=2",
+            "evaluate.sampling.max_new_tokens=4", f"evaluate.sets=[{harm},{benign}]",
+            "judge.sampling.max_new_tokens=8", "sweep.sizes=[4,8,16]", "sweep.seeds=[0,1]",
+            "tracking.experiment=sweep-test"]
+    done = subprocess.run([sys.executable, "-m", "cai_ray", "sweep", "configs/quickstart.yaml", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (record,) = out.glob("sweep/*/sweep.json")
+    sweep = json.loads(record.read_text())
+    assert sweep["sizes"] == [4, 8, 16] and len(sweep["points"]) == 6
+    for seed in (0, 1):
+        ids = [set(pq.read_table(record.parent / f"seed{seed}" / f"pairs-{n}.parquet").column("id").to_pylist())
+               for n in (4, 8, 16)]
+        assert [len(s) for s in ids] == [4, 8, 16] and ids[0] < ids[1] < ids[2]
+    a = set(pq.read_table(record.parent / "seed0" / "pairs-8.parquet").column("id").to_pylist())
+    b = set(pq.read_table(record.parent / "seed1" / "pairs-8.parquet").column("id").to_pylist())
+    assert a != b  # seeds draw different subsets
+
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sweep-test")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.stage = 'sweep'")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    points = [r for r in children if r.data.tags.get("stage") == "dpo"]
+    assert sorted((r.data.tags["size"], r.data.tags["seed"]) for r in points) == sorted(
+        (str(n), str(s)) for n in (4, 8, 16) for s in (0, 1))
+    assert all(r.data.tags["generate_run"] for r in points)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep_summary.json", "sweep.png"} <= artifacts
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep_summary.json")).read_text())
+    assert [row[0] for row in table["data"]] == [4, 8, 16] if "data" in table else table["pairs"] == [4, 8, 16]
+
+    # Interrupted or not, a rerun reuses every finished stage.
+    again = subprocess.run([sys.executable, "-m", "cai_ray", "sweep", "configs/quickstart.yaml", *args],
+                           capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert again.returncode == 0
+    assert json.loads(record.read_text())["points"] == sweep["points"]
