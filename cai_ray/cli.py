@@ -23,6 +23,8 @@ STAGES: dict[str, tuple[str, str]] = {
             "DPO / IPO / soft-label preference training against the frozen SFT policy"),
     "evaluate": ("cai_ray.stages.evaluate",
                  "held-out evaluation of every arm: ASR, over-refusal, helpfulness, style with intervals"),
+    "estimate": ("cai_ray.stages.estimate",
+                 "tokens, device-hours and cost of each stage at the configured scale"),
     "serve-judge": ("cai_ray.stages.serve_judge",
                     "run the judge on Ray Serve (HTTP on judge.host:judge.port) until Ctrl-C"),
 }

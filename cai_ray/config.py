@@ -355,6 +355,32 @@ class SweepConfig:
 
 
 @dataclass
+class EstimateConfig:
+    """Inputs of ``cai-ray estimate``: scale, throughputs per device and price."""
+
+    # Prompts to generate from; None counts what data.source yields (after data.limit).
+    prompts: Optional[int] = None
+    # Measure generation on the configured engine with a few prompts instead of trusting
+    # generate_tokens_per_s.
+    calibrate: bool = True
+    calibration_prompts: int = 8
+    # Processed tokens (prompt + completion) per second per device.
+    generate_tokens_per_s: float = 20000.0
+    train_tokens_per_s: float = 6000.0
+    judge_tokens_per_s: float = 20000.0
+    # Price of one device-hour (GPU, or CPU actor when running on CPU).
+    device_hour_cost: float = 1.0
+
+    def validate(self, key: str = "estimate") -> None:
+        if self.prompts is not None:
+            _positive(f"{key}.prompts", self.prompts)
+        _positive(f"{key}.calibration_prompts", self.calibration_prompts)
+        for name in ("generate_tokens_per_s", "train_tokens_per_s", "judge_tokens_per_s"):
+            _positive(f"{key}.{name}", getattr(self, name))
+        _positive(f"{key}.device_hour_cost", self.device_hour_cost, zero_ok=True)
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     # None means sqlite:///{output_dir}/mlflow.db.
@@ -398,6 +424,7 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 

@@ -39,17 +39,33 @@ def stage_tags(cfg: Config, stage: str, **extra) -> dict:
     return tags
 
 
+def _inputs(cfg: Config, stage: str) -> list[tuple[Path, str]]:
+    """The files a training stage reads, to show as MLflow run inputs."""
+    from cai_ray.train.data import dpo_source, sft_source
+
+    source = {"sft": sft_source, "dpo": dpo_source}.get(stage)
+    if source is None:
+        return []
+    name = source(cfg)
+    path = (Path(__file__).parent / "data" / "samples" / f"{name[len('samples:'):]}.jsonl"
+            if name.startswith("samples:") else Path(name))
+    return [(path, f"{stage}-data")] if path.is_file() else []
+
+
 def _child(parent: Store, cfg: Config, stage: str, name: str, **tags) -> dict:
     print(f"== {name}", flush=True)
     with stage_run(parent, name, stage_tags(cfg, stage, **tags)) as child:
+        for path, dataset in _inputs(cfg, stage):
+            child.log_dataset(path, dataset, "training")
         return _stage(stage).run(cfg, child)
 
 
 def run(cfg: Config, store: Store) -> dict:
     """generate -> SFT -> DPO -> evaluate (base, SFT and DPO arms), one child run each."""
-    results = {}
-    for stage in ("generate", "sft", "dpo"):
-        results[stage] = _child(store, cfg, stage, f"{cfg.name}-{stage}")
+    results = {"generate": _child(store, cfg, "generate", f"{cfg.name}-generate")}
+    link = {"generate_run": results["generate"].get("mlflow_run_id") or ""}
+    for stage in ("sft", "dpo"):
+        results[stage] = _child(store, cfg, stage, f"{cfg.name}-{stage}", **link)
     cfg = copy.deepcopy(cfg)
     if not any(a.adapter for a in cfg.evaluate.arms):
         # The default arms: the base model, then each adapter this run trained.

@@ -30,6 +30,7 @@ class Store(Protocol):
     def log_table(self, rows: dict[str, list] | Any, name: str) -> None: ...
     def log_figure(self, figure: Any, name: str) -> None: ...
     def log_config(self, cfg: Any) -> None: ...
+    def log_dataset(self, path: str | Path, name: str, context: str) -> None: ...
     def child(self, name: str, tags: dict[str, Any] | None = None) -> "Store": ...
     def end(self, status: str = "FINISHED") -> None: ...
 
@@ -47,6 +48,7 @@ class NullStore:
     def log_table(self, rows, name): pass
     def log_figure(self, figure, name): pass
     def log_config(self, cfg): pass
+    def log_dataset(self, path, name, context): pass
     def child(self, name, tags=None): return NullStore()
     def end(self, status="FINISHED"): pass
 
@@ -147,6 +149,18 @@ class MlflowStore:
 
         self.log_params(flatten(to_dict(cfg)))
         self.log_text(to_yaml(cfg), "config.yaml")
+
+    def log_dataset(self, path: str | Path, name: str, context: str) -> None:
+        """A parquet/jsonl file as a run input (MLflow's Datasets tab: digest, schema, row count)."""
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+
+        path = Path(path)
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
+        dataset = mlflow.data.from_pandas(frame, source=str(path.resolve()), name=name)
+        tag = InputTag(key="mlflow.data.context", value=context)
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
 
     def child(self, name: str, tags: dict[str, Any] | None = None) -> "MlflowStore":
         exp_id = self.client.get_run(self.run_id).info.experiment_id

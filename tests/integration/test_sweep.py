@@ -48,6 +48,8 @@ def test_sweep_nested_subsets_child_runs_and_summary(tmp_path, tiny_base, tiny_c
     assert sorted((r.data.tags["size"], r.data.tags["seed"]) for r in points) == sorted(
         (str(n), str(s)) for n in (4, 8, 16) for s in (0, 1))
     assert all(r.data.tags["generate_run"] for r in points)
+    # Each point's pairs subset is logged as the DPO run's input dataset.
+    assert all(r.inputs.dataset_inputs for r in points)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep_summary.json", "sweep.png"} <= artifacts
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep_summary.json")).read_text())
