@@ -1,4 +1,11 @@
+import os
 import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import mlflow
 import pytest
@@ -57,3 +64,35 @@ def test_tracking_disabled_gives_null_store(tmp_path, tiny_base):
     cfg = make_config(tmp_path, tiny_base, "tracking.enabled=false")
     assert isinstance(open_store(cfg, "x"), NullStore)
     assert not (cfg.output_root / "mlflow.db").exists()
+
+
+def test_store_logs_through_a_real_mlflow_server_on_loopback(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        uri = f"http://127.0.0.1:{port}"
+        parent = MlflowStore.start(uri, "server-test", "parent")
+        with stage_run(parent, "child") as child:
+            child.log_metrics({"loss": 1.5}, step=3)
+        parent.end()
+        client = mlflow.MlflowClient(uri)
+        history = client.get_metric_history(child.run_id, "loss")
+        assert [(m.step, m.value) for m in history] == [(3, 1.5)]
+        assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
