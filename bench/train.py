@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -169,8 +170,14 @@ def main() -> None:
     import torch.distributed as dist
 
     dist.destroy_process_group()
-    startup = ray_startup(root, model)
-    print(f"\nRay Train, 2 CPU workers (ZeRO-2, LoRA), tiny model")
+    try:
+        startup = ray_startup(root, model)
+    finally:
+        import ray
+
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    print("\nRay Train, 2 CPU workers (ZeRO-2, LoRA), tiny model")
     print(f"| {'phase':<50} | {'seconds':>8} |")
     print(f"|{'-' * 52}|{'-' * 10}|")
     for name, seconds in startup.items():

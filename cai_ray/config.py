@@ -435,6 +435,12 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
+        # The exported DPO adapter stacks the SFT and DPO LoRAs (rank 2r); vLLM refuses
+        # adapters above its max_lora_rank, so say so now rather than in evaluate.
+        need = 2 * self.train.lora.r
+        if self.engine.backend == "vllm" and self.train.lora.enabled and self.engine.max_lora_rank < need:
+            raise ConfigError(f"engine.max_lora_rank={self.engine.max_lora_rank} is below 2 x train.lora.r="
+                              f"{need} (the DPO adapter's rank); set engine.max_lora_rank={need} or more")
         return self
 
     def require(self, stage: str) -> "Config":
@@ -453,8 +459,12 @@ class Config:
         return self.tracking.uri or f"sqlite:///{self.output_root / 'mlflow.db'}"
 
     @property
-    def storage_path(self) -> Path:
-        return Path(self.runtime.storage_path or self.output_root / "ray_storage").expanduser().resolve()
+    def storage_path(self) -> str:
+        """Ray Train storage: a cloud URI (s3://, gs://) as given, a local path made absolute."""
+        given = self.runtime.storage_path
+        if given and "://" in given:
+            return given
+        return str(Path(given or self.output_root / "ray_storage").expanduser().resolve())
 
 
 def _first_line(exc: OmegaConfBaseException) -> str:
@@ -507,8 +517,9 @@ STAGE_SECTIONS = {
 RESOURCE_KEYS = {
     "engine": ("batch_size", "tensor_parallel_size", "gpu_memory_utilization", "cpu_kv_cache_gib"),
     "generate": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size"),
+    # ZeRO only shards the same computation; precision, in contrast, changes the numbers.
     "train": ("workers", "use_gpu", "cpus_per_worker", "max_failures", "resume", "log_every",
-              "checkpoint_every"),
+              "checkpoint_every", "zero_stage"),
     "judge": ("replicas", "num_cpus", "num_gpus", "host", "port", "max_ongoing_requests",
               "max_queued_requests"),
 }

@@ -111,7 +111,8 @@ def _values(columns: Any, name: str) -> list:
     return columns.column(name).to_pylist() if hasattr(columns, "column_names") else columns[name]
 
 
-def _jsonl_part(lines: Iterable[str], name: str):
+def jsonl_columns(lines: Iterable[str], name: str) -> tuple[dict[str, list], list[int]]:
+    """({column: values}, line numbers) of JSON-lines text; a bad line fails naming ``name`` and its number."""
     rows, numbers = [], []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
@@ -125,7 +126,7 @@ def _jsonl_part(lines: Iterable[str], name: str):
         rows.append(row)
         numbers.append(n)
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    return name, {k: [row.get(k) for row in rows] for k in keys}, numbers
+    return {k: [row.get(k) for row in rows] for k in keys}, numbers
 
 
 def _file_part(path: Path):
@@ -138,7 +139,7 @@ def _file_part(path: Path):
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
-            return _jsonl_part(fh, str(path))
+            return (str(path), *jsonl_columns(fh, str(path)))
     except (UnicodeDecodeError, OSError) as exc:
         raise DataError(f"{path}: cannot read as UTF-8 jsonl ({exc})") from None
 
@@ -153,7 +154,7 @@ def _samples_parts(name: str):
     if name not in sample_names():
         raise DataError(f"samples:{name} does not exist; available: {', '.join(sample_names())}")
     with resources.files(__package__).joinpath("samples", f"{name}.jsonl").open("r", encoding="utf-8") as fh:
-        return [_jsonl_part(fh, f"samples:{name}")]
+        return [(f"samples:{name}", *jsonl_columns(fh, f"samples:{name}"))]
 
 
 def _folder_parts(folder: Path, split: str):

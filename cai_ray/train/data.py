@@ -23,7 +23,6 @@ completion token is dropped and counted, since it has nothing to learn from.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -34,6 +33,7 @@ import numpy as np
 
 from cai_ray.config import Config, TrainConfig, stage_dir
 from cai_ray.constitution.format import HUMAN, conversation_prompt, spaced
+from cai_ray.data.prompts import jsonl_columns
 
 SFT_COLUMNS = ("prompt", "completion")
 DPO_COLUMNS = ("prompt", "chosen", "rejected")
@@ -79,23 +79,6 @@ def fingerprint(source: str) -> str:
     return digest.hexdigest()
 
 
-def _jsonl(lines, name: str) -> tuple[dict[str, list], list[int]]:
-    rows, numbers = [], []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{name}: line {n} is not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{name}: line {n} is a JSON {type(row).__name__}, not an object")
-        rows.append(row)
-        numbers.append(n)
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    return {k: [row.get(k) for row in rows] for k in keys}, numbers
-
-
 def _columns(source: str, key: str) -> tuple[str, dict[str, list], Optional[list[int]]]:
     """(name for messages, {column: values}, jsonl line numbers or None) of a file or shipped set."""
     if source.startswith(SAMPLES):
@@ -103,7 +86,7 @@ def _columns(source: str, key: str) -> tuple[str, dict[str, list], Optional[list
         if not handle.is_file():
             raise ValueError(f"{key}={source}: no such shipped set in cai_ray/data/samples")
         with handle.open("r", encoding="utf-8") as fh:
-            return (source, *_jsonl(fh, f"{key}: {source}"))
+            return (source, *jsonl_columns(fh, f"{key}: {source}"))
     path = Path(source).expanduser()
     if not path.is_file():
         raise ValueError(f"{key}={source}: file does not exist")
@@ -120,7 +103,7 @@ def _columns(source: str, key: str) -> tuple[str, dict[str, list], Optional[list
         raise ValueError(f"{key}={source}: use a .jsonl or .parquet file, or samples:NAME")
     try:
         with open(path, encoding="utf-8") as fh:
-            return (str(path), *_jsonl(fh, f"{key}: {path}"))
+            return (str(path), *jsonl_columns(fh, f"{key}: {path}"))
     except UnicodeDecodeError:
         raise ValueError(f"{key}: {path} is not UTF-8 text") from None
 

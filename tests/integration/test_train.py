@@ -181,9 +181,9 @@ def test_combined_adapter_equals_sft_then_dpo(tmp_path, tiny_base):
 
 @pytest.fixture(scope="module")
 def full_dpo(trained):
-    """Full fine-tuning DPO (no LoRA, bf16, ZeRO-2, soft labels) from the SFT adapter: a first run
-    whose rank 1 dies with no retries allowed fails; a fresh rerun would start over, and
-    ``train.resume=true`` continues the failed run from its last checkpoint."""
+    """Full fine-tuning DPO (no LoRA, bf16, ZeRO-2, soft labels, 2 micro-batches per step) from the
+    SFT adapter: a first run whose rank 1 dies with no retries allowed fails; a fresh rerun would
+    start over, and ``train.resume=true`` continues the failed run from its last checkpoint."""
     from cai_ray.stages import dpo
 
     root = Path(trained["cfg"].output_dir).parent
@@ -191,6 +191,7 @@ def full_dpo(trained):
     labelled = [{**p, "label": 0.9 if i % 2 else 0.7} for i, p in enumerate(pairs)]
     cfg = copy.deepcopy(trained["cfg"])
     cfg.train.lora.enabled, cfg.train.precision, cfg.train.max_failures = False, "bf16", 0
+    cfg.train.grad_accum = 2
     cfg.train.log_every, cfg.dpo.loss, cfg.dpo.lr = 1, "soft", 1e-3
     cfg.dpo.data = _write_jsonl(root / "labelled.jsonl", labelled)
     cfg.dpo.sft_adapter = trained["sft"]["adapter"]

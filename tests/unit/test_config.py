@@ -42,6 +42,7 @@ def test_unknown_key_names_key_and_suggests_fix():
     (["engine.device=cpu", "engine.tensor_parallel_size=2"], "engine.tensor_parallel_size=2 needs GPUs"),
     (["evaluate.arms=[{name: a, format: chat}]"], "evaluate.arms[0].format=chat needs an instruct model"),
     (["rounds"], "is not key=value"),
+    (["engine.backend=vllm", "train.lora.r=16", "engine.max_lora_rank=16"], "engine.max_lora_rank=16 is below"),
 ])
 def test_bad_values_fail_with_one_line(override, fragment):
     with pytest.raises(ConfigError) as err:
