@@ -53,17 +53,25 @@ def build_job(command: str, config: str, overrides: list[str], extras: list[str]
     return {"entrypoint": entry, "runtime_env": runtime_env}
 
 
+def _auth_headers() -> dict[str, str]:
+    """Ray 2.60 clusters want a token by default; send the one this machine holds, if any.
+
+    Passed as a header rather than by setting RAY_AUTH_MODE, which would leak into every Ray
+    this process starts later.
+    """
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def client(address: str | None):
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
-    if "RAY_AUTH_TOKEN" in os.environ or token_file.is_file():
-        # Ray 2.60 clusters require a token by default, but the Jobs client only
-        # sends the one it finds when this is set.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobSubmissionClient
 
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or "http://127.0.0.1:8265"
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=_auth_headers())
     except ConnectionError:
         raise RuntimeError(f"no Ray Jobs API at {address}; start the cluster or forward its "
                            f"dashboard (ray dashboard cluster.yaml) and pass --address") from None
@@ -81,11 +89,23 @@ def submit(address: str | None, command: str, config: str, overrides: list[str],
     load_config(config, overrides).require(command)  # fail here, not minutes later on the cluster
     job = build_job(command, config, overrides, extras)
     jobs = client(address)
-    job_id = jobs.submit_job(**job, metadata={"cai_ray_command": command, "config": config})
+    job_id = _submit_when_ready(jobs, job, {"cai_ray_command": command, "config": config})
     print(f"submitted {job_id}: {job['entrypoint']}", flush=True)
     if not wait:
         return 0
     return follow(jobs, job_id)
+
+
+def _submit_when_ready(jobs, job: dict, metadata: dict, wait_s: float = 120.0) -> str:
+    """Submit, waiting while a just-started head has no job agent yet (Ray answers 500 then)."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            return jobs.submit_job(**job, metadata=metadata)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(2)
 
 
 def follow(jobs, job_id: str, poll_s: float = 2.0) -> int:

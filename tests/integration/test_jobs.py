@@ -30,7 +30,10 @@ def head(tmp_path):
     gcs, dash = _free_port(), _free_port()
     # Ray's socket paths must stay under ~107 bytes: pytest's tmp_path is too deep.
     temp = tempfile.mkdtemp(prefix="cairay-head-", dir="/tmp")
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # The job runs `python -m cai_ray ...`: on this head, `python` is this environment's, as on a
+    # cluster node where the project is installed (cluster.yaml's setup_commands).
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
          "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
