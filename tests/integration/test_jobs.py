@@ -27,7 +27,7 @@ def _free_port() -> int:
 def head(tmp_path):
     """A private Ray head on 127.0.0.1, stopped by killing its process group (not `ray stop`,
     which would also stop every other Ray on the machine)."""
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent, agent_grpc, runtime_env, client_port = (_free_port() for _ in range(6))
     # Ray's socket paths must stay under ~107 bytes: pytest's tmp_path is too deep.
     temp = tempfile.mkdtemp(prefix="cairay-head-", dir="/tmp")
     # The job runs `python -m cai_ray ...`: on this head, `python` is this environment's, as on a
@@ -37,7 +37,11 @@ def head(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
          "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}",
+         f"--dashboard-port={dash}", "--num-cpus=2",
+         # Another Ray on this machine (the test session's) holds the default agent ports; a head
+         # that cannot bind them has no job agent and refuses every submission.
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={runtime_env}", f"--ray-client-server-port={client_port}", f"--temp-dir={temp}",
          "--include-dashboard=true"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL,
         stderr=(tmp_path / "head.log").open("w"))
