@@ -60,8 +60,20 @@ def _child(parent: Store, cfg: Config, stage: str, name: str, **tags) -> dict:
         return _stage(stage).run(cfg, child)
 
 
+def _resumable(cfg: Config) -> Config:
+    """A pipeline rerun continues its own unfinished training from the last checkpoint.
+
+    Output folders are keyed by the config hash, so the run picked up is always this
+    config's own; a single ``cai-ray sft`` still starts fresh unless train.resume=true.
+    """
+    cfg = copy.deepcopy(cfg)
+    cfg.train.resume = True
+    return cfg
+
+
 def run(cfg: Config, store: Store) -> dict:
     """generate -> SFT -> DPO -> evaluate (base, SFT and DPO arms), one child run each."""
+    cfg = _resumable(cfg)
     results = {"generate": _child(store, cfg, "generate", f"{cfg.name}-generate")}
     link = {"generate_run": results["generate"].get("mlflow_run_id") or ""}
     for stage in ("sft", "dpo"):
@@ -172,6 +184,7 @@ def log_sweep(store: Store, points: list[dict], baseline: dict, names=SWEEP_METR
 
 def sweep(cfg: Config, store: Store) -> dict:
     """DPO + evaluate on nested pair subsets x seeds, over one generation pass and one SFT checkpoint."""
+    cfg = _resumable(cfg)
     generate = _child(store, cfg, "generate", f"{cfg.name}-generate")
     sft = _child(store, cfg, "sft", f"{cfg.name}-sft")
     pairs = Path(generate["output"]) / "pairs.parquet"
