@@ -3,7 +3,7 @@
 Run (about 8-10 minutes on 2 quiet cores; the tiny model is built in a temp folder):
 
     . .venv/bin/activate && python bench/generate.py [--prompts 1024] [--batch-size 32]
-        [--c-prompts 384] [--cap 90] [--no-vllm] [--workdir DIR]
+        [--c-prompts 384] [--cap 120] [--no-vllm] [--workdir DIR]
 
 One run, one tiny Llama, the same synthetic prompts and the same settings for every variant:
 few_shot=1, 2 critique/revision rounds (5 engine calls per chain), temperature 0.9 with per-row
@@ -90,13 +90,9 @@ def _row(name: str, budget: str, n: int, total: float, tokens: int, startup: flo
 
 
 class CpuMeter:
-    """CPU seconds used by this process and every process under it while running.
-
-    Ray's daemons and workers (and vLLM's engine processes) descend from the driver, so this
-    counts what a variant costs the machine whatever else runs on it: a load-proof yardstick
-    next to wall-clock throughput.  Children are polled, since a worker's reading is gone once
-    it exits; the last reading before exit counts (at most one poll interval is missed).
-    """
+    """CPU seconds of this process and all its descendants (Ray's daemons and workers, vLLM's
+    engine processes) from creation to ``stop()``: what a variant costs, whatever else runs.
+    Children are polled because a worker's reading is gone once it exits."""
 
     def __init__(self, interval: float = 0.5):
         import psutil
@@ -126,7 +122,7 @@ class CpuMeter:
         return out
 
     def _poll(self) -> None:
-        while not self._stop.wait(self._interval):
+        while not self._stop.wait(self._interval):  # the last reading before exit counts
             self._last.update(self._read())
 
     def stop(self) -> dict[str, float]:
@@ -284,7 +280,8 @@ def run_vllm(cfg, rows: list[dict]) -> tuple[list[dict], list[tuple]]:
     from cai_ray.engines.base import TokenizedEngine
     from cai_ray.runtime import init_ray
 
-    cfg = replace(cfg, generate=replace(cfg.generate, sampling=replace(cfg.generate.sampling, temperature=0.0)))
+    greedy = replace(cfg.generate.sampling, temperature=0.0)
+    cfg = replace(cfg, generate=replace(cfg.generate, sampling=greedy))
     texts = [initial_prompt(r["prompt"], cfg.generate.few_shot) for r in rows]
     ids = TokenizedEngine(cfg.model, cfg.engine).encode(texts)
     print(f"  (d) initial-step prompts: {sum(map(len, ids)) / len(ids):.0f} tokens on average", flush=True)
@@ -292,8 +289,8 @@ def run_vllm(cfg, rows: list[dict]) -> tuple[list[dict], list[tuple]]:
     init_ray(cfg)
     d2 = bench_ray_llm(cfg, ids)
     ray.shutdown()
-    return [d, d2], [("d/d' (ours / ray.data.llm)", d["pps"] / d2["pps"], d["steady_pps"] / d2["steady_pps"],
-                      d2["cpu_ms"] / d["cpu_ms"])]
+    ratio = ("d/d' (ours / ray.data.llm)", d["pps"] / d2["pps"], float("nan"), d2["cpu_ms"] / d["cpu_ms"])
+    return [d, d2], [ratio]
 
 
 def _fmt(x, spec: str) -> str:
@@ -313,7 +310,7 @@ def print_table(rows: list[dict], ratios: list[tuple], notes: list[str]) -> None
     print(f"\n{'ratios (higher: first one better)':<42} {'prompts/s':>9} {'steady':>7} "
           f"{'CPU/prompt':>10}   target (prompts/s)")
     for name, total, steady, cpu in ratios:
-        print(f"  {name:<40} {_fmt(total, '9.2f')} {_fmt(steady, '7.2f')} {_fmt(cpu, '10.2f')}   "
+        print(f"  {name:<40} {_fmt(total, '.2f'):>9} {_fmt(steady, '.2f'):>7} {_fmt(cpu, '.2f'):>10}   "
               f"{TARGETS.get(name, '')}")
     for note in notes + [f"{r['name'].split()[0]}: {r['note']}" for r in rows if r.get("note")]:
         print(f"  * {note}")
@@ -322,11 +319,12 @@ def print_table(rows: list[dict], ratios: list[tuple], notes: list[str]) -> None
 def _ratio(rows: dict, a: str, b: str) -> tuple[str, float, float, float]:
     """Throughput ratios a/b, and CPU per prompt b/a (so > 1 always favours a)."""
     ra, rb = rows[a], rows[b]
-    return f"{a}/{b}", ra["pps"] / rb["pps"], ra["steady_pps"] / rb["steady_pps"], rb["cpu_ms"] / ra["cpu_ms"]
+    return (f"{a}/{b}", ra["pps"] / rb["pps"], ra["steady_pps"] / rb["steady_pps"],
+            rb["cpu_ms"] / ra["cpu_ms"])
 
 
-def run_hf(args, root: Path, model: str, data: Path) -> tuple[list[dict], list[tuple], list[str], object, list]:
-    """(a), (b), (c) on the HF engine."""
+def run_hf(args, root: Path, model: str, data: Path) -> tuple:
+    """(a), (b), (c) on the HF engine: (table rows, ratios, notes, config, prompt rows)."""
     import ray
 
     from cai_ray.data.prompts import load_prompts
@@ -342,16 +340,18 @@ def run_hf(args, root: Path, model: str, data: Path) -> tuple[list[dict], list[t
     info = start_ray(cfg2)
     a2, finals_a = bench_stage(cfg2, 2, info["actor_start"])
     ray.shutdown()  # idle Ray daemons would otherwise share the cores with (b) and (c)
-    b2, finals_b = bench_direct(cfg2, rows, args.batch_size, 2, "b2  engine direct, same batches", args.cap)
+    b_name, c_name = "engine direct, same batches", "one prompt per call (predecessors)"
+    few = rows[:args.c_prompts]
+    b2, finals_b = bench_direct(cfg2, rows, args.batch_size, 2, f"b2  {b_name}", args.cap)
     init_ray(cfg1)
     a1, _ = bench_stage(cfg1, 1, info["actor_start"])
     ray.shutdown()
-    b1, _ = bench_direct(cfg2, rows, args.batch_size, 1, "b1  engine direct, same batches", args.cap)
-    c2, _ = bench_direct(cfg2, rows[:args.c_prompts], 1, 2, "c2  one prompt per call (predecessors)", args.cap)
-    c1, _ = bench_direct(cfg2, rows[:args.c_prompts], 1, 1, "c1  one prompt per call (predecessors)", args.cap)
+    b1, _ = bench_direct(cfg2, rows, args.batch_size, 1, f"b1  {b_name}", args.cap)
+    c2, _ = bench_direct(cfg2, few, 1, 2, f"c2  {c_name}", args.cap)
+    c1, _ = bench_direct(cfg2, few, 1, 1, f"c1  {c_name}", args.cap)
     t = {"a2": a2, "a1": a1, "b2": b2, "b1": b1, "c2": c2, "c1": c1}
-    ratios = [_ratio(t, "a2", "b2"), _ratio(t, "a1", "b1"), _ratio(t, "a2", "c2"), _ratio(t, "a1", "c1"),
-              _ratio(t, "b2", "c2")]
+    pairs = (("a2", "b2"), ("a1", "b1"), ("a2", "c2"), ("a1", "c1"), ("b2", "c2"))
+    ratios = [_ratio(t, a, b) for a, b in pairs]
     same = sum(1 for k, v in finals_b.items() if finals_a.get(k) == v)
     notes = [f"Ray start-up (ray.init, in no row) {info['ray_start']:.1f}s; one RevisionActor start-up "
              f"{info['actor_start']:.1f}s wall, {info['actor_cpu']:.1f} CPU s; OMP_NUM_THREADS in a 1-CPU "
@@ -369,7 +369,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="generate.batch_size = engine.batch_size")
     parser.add_argument("--tokens", type=int, default=16, help="max_new_tokens = min_new_tokens")
     parser.add_argument("--c-prompts", type=int, default=384, help="prompts for (c), each of c2 and c1")
-    parser.add_argument("--cap", type=float, default=90.0,
+    parser.add_argument("--cap", type=float, default=120.0,
                         help="seconds after which (b) and (c) stop early (rows done are reported)")
     parser.add_argument("--no-vllm", action="store_true", help="skip (d) even if vllm imports")
     parser.add_argument("--workdir", default=None, help="outputs go here (default: a new temp folder)")
@@ -383,14 +383,13 @@ def main() -> None:
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="cai-bench-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    model = str(build_tiny(root / "tiny-base", "base"))
-    started = time.time()
-    rows_out, ratios, notes, cfg, rows = run_hf(args, root, model, _write_prompts(root / "prompts.jsonl",
-                                                                                   args.prompts))
+    model, started = str(build_tiny(root / "tiny-base", "base")), time.time()
+    data = _write_prompts(root / "prompts.jsonl", args.prompts)
+    rows_out, ratios, notes, cfg, rows = run_hf(args, root, model, data)
     try:
         import vllm  # noqa: F401
         has_vllm = True
-    except Exception:  # noqa: BLE001 - any import failure means (d) cannot run here
+    except Exception:  # noqa: BLE001 - a broken install means (d) cannot run here either
         has_vllm = False
     if has_vllm and not args.no_vllm:
         more_rows, more_ratios = run_vllm(cfg, rows)
