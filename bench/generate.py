@@ -1,8 +1,8 @@
 """Throughput of the generate stage against the same engine without Ray, and of two vLLM paths.
 
-Run (about 8-10 minutes on 2 quiet cores; the tiny model is built in a temp folder):
+Run (about 11 minutes on 2 quiet cores; the tiny model is built in a temp folder):
 
-    . .venv/bin/activate && python bench/generate.py [--prompts 1024] [--batch-size 32]
+    . .venv/bin/activate && python bench/generate.py [--prompts 4096] [--batch-size 32]
         [--c-prompts 384] [--cap 120] [--no-vllm] [--workdir DIR]
 
 One run, one tiny Llama, the same synthetic prompts and the same settings for every variant:
@@ -16,7 +16,10 @@ gets cheaper text by stopping early.  Each row gives prompts/s, completion token
   b2, b1  the same HF engine and ``run_chains`` in this process, over the same batches of
           generate.batch_size, with 2 or 1 torch threads (the CPU budget of a2, a1).
   c2, c1  the predecessors' way: one prompt per call, one call per step (run_chains on batches
-          of 1), 2 or 1 torch threads, on the first --c-prompts prompts.
+          of 1), 2 or 1 torch threads, on the first --c-prompts prompts, with
+          engine.enable_prefix_caching=false: they kept no KV between calls.
+  c1+     as c1 with our caching on: a lone prompt shares its few-shot prefix with nothing, but
+          a revision prompt still continues its critique prompt.  Not used in the ratios.
   d, d'   when ``import vllm`` works: the initial-step prompts only, greedy, through our ``vllm``
           backend called as an actor calls it, and through ``ray.data.llm``'s vLLM processor,
           both fed identical token ids.
@@ -43,7 +46,9 @@ from pathlib import Path
 
 from cai_ray.runtime import BASE_ENV, LOOPBACK_ENV
 
-TARGETS = {"a2/b2": ">= 0.85", "a1/b1": ">= 0.85", "a2/c": ">= 5", "a1/c1": ">= 5"}
+# The issue's a/c target is the stage against the predecessors' way on the same two cores:
+# a2 against the faster of c2 and c1.  a1/c1 (one core each) is printed for the per-core gain.
+TARGETS = {"a2/b2": ">= 0.85", "a1/b1": ">= 0.85", "a2/c": ">= 5"}
 
 
 def _config(root: Path, model: str, data: Path, args, *extra: str):
@@ -348,8 +353,11 @@ def run_hf(args, root: Path, model: str, data: Path) -> tuple:
     a1, _ = bench_stage(cfg1, 1, info["actor_start"])
     ray.shutdown()
     b1, _ = bench_direct(cfg2, rows, args.batch_size, 1, f"b1  {b_name}", args.cap)
-    c2, _ = bench_direct(cfg2, few, 1, 2, f"c2  {c_name}", args.cap)
-    c1, _ = bench_direct(cfg2, few, 1, 1, f"c1  {c_name}", args.cap)
+    # The predecessors kept no KV between calls; c1+ shows what our caching alone gives them.
+    cfg_c = replace(cfg2, engine=replace(cfg2.engine, enable_prefix_caching=False))
+    c2, _ = bench_direct(cfg_c, few, 1, 2, f"c2  {c_name}", args.cap)
+    c1, _ = bench_direct(cfg_c, few, 1, 1, f"c1  {c_name}", args.cap)
+    c1p, _ = bench_direct(cfg2, few, 1, 1, "c1+ one prompt per call, our KV caching", args.cap)
     t = {"a2": a2, "a1": a1, "b2": b2, "b1": b1, "c2": c2, "c1": c1, "c": max(c1, c2, key=lambda r: r["pps"])}
     pairs = (("a2", "b2"), ("a1", "b1"), ("a2", "c"), ("a1", "c1"), ("b2", "c"))
     ratios = [_ratio(t, a, b) for a, b in pairs]
@@ -362,12 +370,14 @@ def run_hf(args, root: Path, model: str, data: Path) -> tuple:
              f"(b), (c) stop after --cap {args.cap:.0f}s: their prompts column says how many they did",
              "start s of (b), (c) leaves out importing torch + transformers (done before; about 4 s "
              "of an actor's start-up)"]
-    return [a2, a1, b2, b1, c2, c1], ratios, notes, cfg2, rows
+    return [a2, a1, b2, b1, c2, c1, c1p], ratios, notes, cfg2, rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=1024)
+    # 4096, not the 1,000 minimum: the stage pays ~10 s of fixed start-up (two actors importing
+    # torch + transformers and loading the model) that a real run amortizes over 161K prompts.
+    parser.add_argument("--prompts", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=32, help="generate.batch_size = engine.batch_size")
     parser.add_argument("--tokens", type=int, default=16, help="max_new_tokens = min_new_tokens")
     parser.add_argument("--c-prompts", type=int, default=384, help="prompts for (c), each of c2 and c1")

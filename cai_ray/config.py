@@ -63,10 +63,12 @@ class EngineConfig:
     backend: str = "hf"
     device: str = "auto"
     batch_size: int = 16
+    # Reuse computed prompt KV: vLLM's automatic prefix caching; in the hf backend the
+    # few-shot prefix a batch shares, and prompts extending the previous call's.
+    enable_prefix_caching: bool = True
     # vLLM only; ignored by the hf backend.
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
-    enable_prefix_caching: bool = True
     enforce_eager: bool = False
     max_model_len: Optional[int] = None
     max_lora_rank: int = 16

@@ -11,24 +11,35 @@ seeded with the row's seed, and picks the token by inverse CDF over the
 depend only on its seed and step, never on its neighbours.  The trade-off: the
 same seed gives different text than vLLM's sampler (only greedy output is
 comparable across backends), and top-p < 1 costs a vocabulary sort per step.
-Rows are padded to the longest prompt of their chunk, so logits differ from an
-unbatched run by float rounding only; a sampled row can flip only when its
-uniform lands within rounding distance of a CDF boundary.
+Rows are padded to the longest prompt of their chunk, and prompt tokens whose
+keys and values are known (see ``_prefill``) are not run again, so logits
+differ from an unbatched, uncached run by float rounding only; a sampled row
+can flip only when its uniform lands within rounding distance of a CDF boundary.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from cai_ray.config import EngineConfig, ModelConfig, SamplingConfig
 from cai_ray.engines.base import (Completion, TokenizedEngine, cpu_only, find_stop,
                                   read_adapter_config, row_seeds)
+
+# Below this many shared leading tokens a separate prefix pass is not worth its call.
+MIN_SHARED_PREFIX = 16
+# Most prompt KV kept from one generate call for the next (a chain step is one batch;
+# a caller passing thousands of prompts at once gets reuse for the first chunks only).
+KEEP_KV_BYTES = 2 << 30
 
 
 class HFEngine(TokenizedEngine):
@@ -60,6 +71,9 @@ class HFEngine(TokenizedEngine):
         self._eos_t = torch.tensor(self.eos, device=self.device, dtype=torch.long)
         self._peft = None
         self._adapters: dict[str, str] = {}  # resolved folder -> peft adapter name
+        # Prompt KV of the last generate call, for prompts that extend one of them:
+        # {prompt length: {prompt ids: (per-layer (keys, values), mask, row)}}, its adapter and bytes.
+        self._kept, self._kept_adapter, self._kept_bytes = {}, None, 0
 
     # -- public API ---------------------------------------------------------------
 
@@ -70,10 +84,12 @@ class HFEngine(TokenizedEngine):
         # Similar lengths share a chunk, so little compute goes to padding.
         todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: len(ids[i]))
         bs = self.engine_cfg.batch_size
+        kept = self._kept if self._kept_adapter == adapter else {}
+        self._kept, self._kept_adapter, self._kept_bytes = {}, adapter, 0
         with self._use_adapter(adapter), torch.inference_mode():
             for start in range(0, len(todo), bs):
                 chunk = todo[start:start + bs]
-                rows = self._decode([ids[i] for i in chunk], params, [seeds[i] for i in chunk], stop)
+                rows = self._decode([ids[i] for i in chunk], params, [seeds[i] for i in chunk], stop, kept)
                 done.update(zip(chunk, rows))
         return [done[i] for i in range(len(prompts))]
 
@@ -93,6 +109,7 @@ class HFEngine(TokenizedEngine):
 
     def close(self) -> None:
         self.model = self._peft = None
+        self._kept = {}
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -108,9 +125,8 @@ class HFEngine(TokenizedEngine):
         return ids, mask, (mask.cumsum(-1) - 1).clamp_(min=0)
 
     def _decode(self, rows: list[list[int]], params: SamplingConfig, seeds: list[int],
-                stop: list[str] | None) -> list[Completion]:
+                stop: list[str] | None, kept: dict) -> list[Completion]:
         n, steps, floor = len(rows), params.max_new_tokens, params.min_new_tokens
-        ids, mask, pos = self._left_pad(rows)
         uniforms = None
         if params.temperature > 0:
             draws = [np.random.default_rng(s % 2**64).random(steps, dtype=np.float32) for s in seeds]
@@ -119,7 +135,7 @@ class HFEngine(TokenizedEngine):
         gen = torch.full((n, steps), self.pad_id, dtype=torch.long, device=self.device)
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
         lengths = torch.full((n,), steps, dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        out, mask, pos = self._prefill(rows, kept)
         for step in range(steps):
             logits = out.logits[:, -1, :]
             if step < floor:
@@ -141,6 +157,77 @@ class HFEngine(TokenizedEngine):
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
                              past_key_values=out.past_key_values, use_cache=True)
         return self._finish(rows, gen.tolist(), lengths.tolist(), params, stop)
+
+    def _prefill(self, rows: list[list[int]], kept: dict):
+        """Run the prompts: output (last logits, KV cache), attention mask, positions.
+
+        With engine.enable_prefix_caching, prompt tokens whose keys and values are
+        already known are not run again; causal attention makes them the same up
+        to float rounding.  If every row extends a prompt of the previous call (a
+        revision prompt is its critique prompt plus the critique), the rows start
+        from those prompts' kept KV.  Otherwise the leading tokens all rows share
+        (the few-shot examples, about three quarters of a chain prompt) run once
+        at batch size 1 and their KV is repeated per row.  Layout of a row:
+        [known tokens, padded to the longest | left padding | its own tokens].
+        """
+        hits = [self._longest_kept(r, kept) for r in rows] if kept else [None]
+        cache, mask, tails = self._from_kept(rows, hits) if all(hits) else self._from_shared(rows)
+        ids, tail_mask, _ = self._left_pad(tails)
+        mask = torch.cat([mask, tail_mask], dim=1)
+        # Positions count real tokens only, so padding anywhere leaves them as in a lone run.
+        pos = (mask.cumsum(-1) - 1).clamp_(min=0)[:, -ids.shape[1]:]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        self._keep(rows, out.past_key_values, mask)
+        return out, mask, pos
+
+    def _from_shared(self, rows: list[list[int]]):
+        """(cache, mask, own tokens) after running the rows' common leading tokens once."""
+        n = len(rows)
+        shared = len(os.path.commonprefix(rows)) if n > 1 and self.engine_cfg.enable_prefix_caching else 0
+        shared = min(shared, min(len(r) for r in rows) - 1)  # each row keeps a token for its logits
+        if shared < MIN_SHARED_PREFIX:
+            return None, torch.ones(n, 0, dtype=torch.long, device=self.device), rows
+        head = torch.tensor([rows[0][:shared]], device=self.device)
+        cache = self.model(input_ids=head, use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(n)
+        return cache, torch.ones(n, shared, dtype=torch.long, device=self.device), [r[shared:] for r in rows]
+
+    def _from_kept(self, rows: list[list[int]], hits: list[tuple]):
+        """(cache, mask, own tokens) starting from kept prompts, each left-padded to the widest."""
+        width = max(m.shape[1] for _, m, _, _ in hits)
+        layers = []
+        for layer in range(len(hits[0][0])):
+            keys = [F.pad(kv[layer][0][j], (0, 0, width - m.shape[1], 0)) for kv, m, j, _ in hits]
+            values = [F.pad(kv[layer][1][j], (0, 0, width - m.shape[1], 0)) for kv, m, j, _ in hits]
+            layers.append((torch.stack(keys), torch.stack(values)))
+        mask = torch.stack([F.pad(m[j], (width - m.shape[1], 0)) for _, m, j, _ in hits])
+        cache = DynamicCache(layers, config=self.model.config)
+        return cache, mask, [r[n:] for r, (_, _, _, n) in zip(rows, hits)]
+
+    @staticmethod
+    def _longest_kept(row: list[int], kept: dict) -> tuple | None:
+        """The longest kept prompt that ``row`` strictly extends: (kv, mask, row, length)."""
+        for n in sorted(kept, reverse=True):
+            hit = kept[n].get(tuple(row[:n])) if MIN_SHARED_PREFIX <= n < len(row) else None
+            if hit is not None:
+                return (*hit, n)
+        return None
+
+    def _keep(self, rows: list[list[int]], cache, mask: torch.Tensor) -> None:
+        """Remember this chunk's prompt KV for the next call.  Decoding appends to the
+        cache by concatenation, so the tensors taken here stay the prompt's."""
+        layers = getattr(cache, "layers", None)
+        if not self.engine_cfg.enable_prefix_caching or not layers \
+                or any(type(layer) is not DynamicLayer for layer in layers):
+            return  # sliding-window and other special caches are not reused
+        kv = [(layer.keys, layer.values) for layer in layers]
+        size = sum(t.numel() * t.element_size() for pair in kv for t in pair)
+        if self._kept_bytes + size > KEEP_KV_BYTES:
+            return
+        self._kept_bytes += size
+        for j, row in enumerate(rows):
+            self._kept.setdefault(len(row), {})[tuple(row)] = (kv, mask, j)
 
     @staticmethod
     def _pick(logits: torch.Tensor, params: SamplingConfig, uniform: torch.Tensor | None) -> torch.Tensor:

@@ -7,6 +7,7 @@ worker processes that re-import ``__main__``; under pytest that is harmless.
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -91,6 +92,66 @@ def test_seeded_sampling_ignores_batch_composition(tiny, hf):
     assert [c.text for c in reseeded] != [c.text for c in first]
 
 
+# Few-shot style prompts: a long common head, then row-specific tails of different lengths
+# (the last row is the head plus one character).
+HEAD = "\n\nHuman: name a colour\n\nAssistant: Blue is one.\n\n-----\n\nHuman: "
+SHARED = [HEAD + "and a fruit?", HEAD + "why is the sky blue on a clear day", HEAD + "x", HEAD + "a"]
+
+
+def test_shared_prefix_runs_once_and_changes_no_output(tiny):
+    # Own engines: loading the adapter changes hf.model, which later tests read directly.
+    hf = make_engine(ModelConfig(path=tiny.base), EngineConfig(batch_size=4))
+    calls = []
+    hook = hf.model.register_forward_pre_hook(lambda _, args, kw: calls.append(tuple(kw["input_ids"].shape)),
+                                              with_kwargs=True)
+    sampled = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=12, min_new_tokens=12)
+    try:
+        together = [hf.generate(SHARED, p, seeds=[1, 2, 3, 4]) for p in (GREEDY, sampled)]
+        together.append(hf.generate(SHARED, GREEDY, adapter=tiny.adapter))
+    finally:
+        hook.remove()
+    head = len(os.path.commonprefix(hf.encode(SHARED)))
+    assert head > 16 and calls[0] == (1, head) and calls[1][0] == 4 and calls[1][1] < head
+    single = make_engine(ModelConfig(path=tiny.base), EngineConfig(batch_size=1))
+    alone = [single.generate(SHARED, p, seeds=[1, 2, 3, 4]) for p in (GREEDY, sampled)]
+    alone.append(single.generate(SHARED, GREEDY, adapter=tiny.adapter))
+    assert together == alone
+
+
+def _first_logits(engine, calls: list) -> object:
+    """A hook keeping (input shape, last-position logits) of every forward call."""
+    def hook(_, args, kw, out):
+        calls.append((tuple(kw["input_ids"].shape), out.logits[:, -1].clone()))
+    return engine.model.register_forward_hook(hook, with_kwargs=True)
+
+
+def test_prompts_extending_the_last_call_reuse_its_kv(tiny):
+    # A chain's revision prompt is its critique prompt plus the critique: only the new
+    # tokens run, with the logits and text of an engine that caches nothing.
+    engines = {c: make_engine(ModelConfig(path=tiny.base), EngineConfig(batch_size=4, enable_prefix_caching=c))
+               for c in (True, False)}
+    first = [c.text for c in engines[False].generate(SHARED, GREEDY)]
+    longer = [p + t + "\n\nRevisionRequest: shorter please" for p, t in zip(SHARED, first)]
+    sampled = SamplingConfig(temperature=1.0, max_new_tokens=12, min_new_tokens=12)
+    for adapter in (None, tiny.adapter):
+        got, want = [], []
+        engines[True].generate(SHARED, GREEDY)  # base weights, also before the adapter run
+        for engine, calls in ((engines[True], got), (engines[False], want)):
+            hook = _first_logits(engine, calls)
+            try:
+                texts = engine.generate(longer, sampled, seeds=[5, 6, 7, 8], adapter=adapter)
+            finally:
+                hook.remove()
+            assert texts == engines[False].generate(longer, sampled, seeds=[5, 6, 7, 8], adapter=adapter)
+        new_tokens = max(len(b) - len(a) for a, b in zip(engines[True].encode(SHARED),
+                                                         engines[True].encode(longer)))
+        if adapter is None:  # no prefix pass: every row continued its old prompt
+            assert got[0][0] == (4, new_tokens) and want[0][0][1] > 3 * new_tokens
+        else:  # KV from the base weights is not reused under an adapter
+            assert got[0][0][0] == 1
+        assert torch.allclose(got[-12][1], want[-12][1], atol=1e-5)
+
+
 def test_overlong_prompt_becomes_error_row(hf):
     rows = hf.generate(["hello", "the " * 3000, "", "x"], GREEDY)
     assert [r.finish_reason for r in rows] == ["length", "error", "error", "length"]
@@ -162,9 +223,10 @@ def vllm_engine(tiny):
 @pytest.mark.vllm
 def test_vllm_greedy_matches_hf(hf, vllm_engine):
     free = SamplingConfig(temperature=0.0, max_new_tokens=30)
+    prompts = PROMPTS + SHARED + ["the " * 3000]
     for params in (GREEDY, free):
-        want = hf.generate(PROMPTS + ["the " * 3000], params)
-        got = vllm_engine.generate(PROMPTS + ["the " * 3000], params)
+        want = hf.generate(prompts, params)
+        got = vllm_engine.generate(prompts, params)
         assert got[:-1] == want[:-1]
         assert got[-1].finish_reason == "error" and "3001 tokens" in got[-1].error
     stop = [_ascii_pair(want[0].text)]
