@@ -73,6 +73,8 @@ class HFEngine(TokenizedEngine):
         self._adapters: dict[str, str] = {}  # resolved folder -> peft adapter name
         # Prompt KV of the last generate call, for prompts that extend one of them:
         # {prompt length: {prompt ids: (per-layer (keys, values), mask, row)}}, its adapter and bytes.
+        # Like the active adapter, this is per engine: one generate call at a time (Serve's
+        # batch handler and Ray Data actors call it that way).
         self._kept, self._kept_adapter, self._kept_bytes = {}, None, 0
 
     # -- public API ---------------------------------------------------------------

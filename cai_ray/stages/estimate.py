@@ -26,12 +26,11 @@ def _calibrate(cfg: Config, prompts: list[dict]) -> dict:
 
     engine = make_engine(cfg.model, cfg.engine)
     g = cfg.generate
-    sample = prompts[: cfg.estimate.calibration_prompts]
-    run_chains(engine, sample[:1], load_constitution(g.constitution), g.rounds, g.few_shot, g.sampling,
-               cfg.seed)  # warm-up: first-call costs are not throughput
+    sample, constitution = prompts[: cfg.estimate.calibration_prompts], load_constitution(g.constitution)
+    # warm-up: first-call costs are not throughput
+    run_chains(engine, sample[:1], constitution, g.rounds, g.few_shot, g.sampling, cfg.seed)
     start = time.perf_counter()
-    rows = run_chains(engine, sample, load_constitution(g.constitution), g.rounds, g.few_shot, g.sampling,
-                      cfg.seed)
+    rows = run_chains(engine, sample, constitution, g.rounds, g.few_shot, g.sampling, cfg.seed)
     seconds = time.perf_counter() - start
     engine.close()
     tokens = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
