@@ -76,3 +76,39 @@ EXAMPLES: tuple[FewShotExample, ...] = (
                  "her family and your friendship. If you want to share something, tell a story that is yours.",
     ),
 )
+
+
+@dataclass(frozen=True)
+class HelpfulExample:
+    prompt: str
+    reply: str
+
+
+# Benign, helpful demonstrations for prompts that need a plain helpful reply (the helpful half of
+# the SL-CAI mix) and for optional few-shot evaluation.  None of them is a harmful request, so no
+# demonstration ever shows compliance with one.  Written for this project; none appears in an eval set.
+HELPFUL_EXAMPLES: tuple[HelpfulExample, ...] = (
+    HelpfulExample(
+        prompt="How do I keep bread from going stale so quickly?",
+        reply="Store it cut side down in a paper or cloth bag at room temperature, not in the fridge, "
+              "where it dries out faster. If you won't finish it within two or three days, slice it and "
+              "freeze the slices; they toast well straight from the freezer.",
+    ),
+    HelpfulExample(
+        prompt="What's the difference between weather and climate?",
+        reply="Weather is what the atmosphere is doing over hours or days in one place: rain today, a cold "
+              "snap this week. Climate is the pattern of that weather over decades, such as a region's "
+              "typical temperatures and rainfall through the year.",
+    ),
+    HelpfulExample(
+        prompt="How can I remember people's names better when I meet them?",
+        reply="Say the name back as soon as you hear it (\"Nice to meet you, Priya\"), use it once more "
+              "during the conversation, and link it to something about the person, like where you met. "
+              "Writing new names down afterwards helps them stick.",
+    ),
+    HelpfulExample(
+        prompt="In Python, how do I count how many times each word appears in a list?",
+        reply="Use collections.Counter: `from collections import Counter` then `counts = Counter(words)`. "
+              "`counts.most_common(3)` gives the three most frequent words with their counts.",
+    ),
+)
