@@ -22,10 +22,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from cai_ray.config import STAGE_SECTIONS, ArmConfig, Config, stage_dir, stage_hash
+from cai_ray.evaluation.sets import load_eval_sets
 from cai_ray.tracking import Store, stage_run, write_atomic
 
 PIPELINE = ("generate", "sft", "dpo", "evaluate")
-SWEEP_METRICS = ("asr", "over_refusal", "helpfulness")
+SWEEP_METRICS = ("asr", "asr_keyword", "over_refusal", "helpfulness")
+
+
+def check(cfg: Config) -> None:
+    """Cheap input checks run by the CLI before any run or output exists: an eval set with no
+    declared kind stops here, not after hours of generation and training."""
+    load_eval_sets(cfg)
 
 
 def _stage(name: str):

@@ -23,7 +23,7 @@ def test_sweep_nested_subsets_child_runs_and_summary(tmp_path, tiny_base, tiny_c
     args = [f"model.path={tiny_base}", f"judge.model.path={tiny_chat}", f"output_dir={out}",
             "data.limit=20", "generate.rounds=1", "generate.actors=1", "generate.sampling.max_new_tokens=6",
             "sft.max_steps=2", "dpo.max_steps=2", "train.workers=1", "train.checkpoint_every=2",
-            "evaluate.sampling.max_new_tokens=4", f"evaluate.sets=[{harm},{benign}]",
+            "evaluate.sampling.max_new_tokens=4", f"evaluate.sets=[{{source: {harm}, kind: harm}}, {{source: {benign}, kind: benign}}]",
             "judge.sampling.max_new_tokens=8", "sweep.sizes=[4,8,16]", "sweep.seeds=[0,1]",
             "tracking.experiment=sweep-test"]
     done = subprocess.run([sys.executable, "-m", "cai_ray", "sweep", "configs/quickstart.yaml", *args],
