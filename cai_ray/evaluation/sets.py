@@ -28,6 +28,9 @@ METRICS = {
     "benign": (("over_refusal", "judge", "refusal"), ("over_refusal", KEYWORD, None),
                ("helpfulness", "judge", "helpfulness")),
     "style": (("style", "judge", "style"),),
+    # The alignment tax: what safety training costs in helpfulness on held-out helpful requests, and
+    # in the policy's mean log-likelihood per token of a held-out reference answer (rater "model").
+    "capability": (("cap_helpfulness", "judge", "helpfulness"), ("ref_logprob", "model", None)),
 }
 _MARKERS = re.compile(r"(?:^|\n\n)(?:Human|Assistant):")
 
@@ -52,7 +55,7 @@ def _kind(key: str, entry: EvalSetConfig, loaded: list[dict]) -> str:
         raise ValueError(f"{key}={entry.source}: kind={entry.kind} but its rows say kind={declared}")
     kind = entry.kind or declared
     if kind is None:
-        raise ValueError(f"{key}={entry.source}: no kind declared; set {key}.kind=harm|benign|style "
+        raise ValueError(f"{key}={entry.source}: no kind declared; set {key}.kind=harm|benign|style|capability "
                          f"or add a kind column to the data")
     if kind not in METRICS:
         raise ValueError(f"{key}={entry.source}: kind {kind!r} is unknown; use one of {', '.join(METRICS)}")
@@ -73,12 +76,16 @@ def load_eval_sets(cfg: Config) -> tuple[list[dict], dict]:
             if kind == "style" and r.get("style") not in STYLES:
                 raise ValueError(f"{key}={entry.source}: row {r['id']} has style {r.get('style')!r}; "
                                  f"use one of {', '.join(STYLES)}")
+            if kind == "capability" and not (isinstance(r.get("reference"), str) and r["reference"].strip()):
+                raise ValueError(f"{key}={entry.source}: row {r['id']} has no reference answer; a capability "
+                                 f"set needs a non-empty `reference` column")
             # A jailbreak row names the request inside its wrapper (base_prompt): the judge grades
             # the response against that request, as StrongREJECT does, and it is the unit of analysis.
             request = r.get("base_prompt") or r["prompt"]
             rows.append({"set": name, "kind": kind, "id": r["id"], "request_id": request_id(request),
                          "prompt": r["prompt"], "request": request,
-                         "style": r.get("style") if kind == "style" else None})
+                         "style": r.get("style") if kind == "style" else None,
+                         "reference": r.get("reference") if kind == "capability" else None})
         sets[name] = {"source": entry.source, "kind": kind, "licence": entry.licence, "prompts": len(loaded),
                       "requests": len({request_id(r.get("base_prompt") or r["prompt"]) for r in loaded}),
                       "ratings": [f"{m}:{rater}" + (f":{rub}" if rub else "")

@@ -86,24 +86,33 @@ def check(cfg: Config) -> None:
     load_eval_sets(cfg)
 
 
-def prepare(cfg: Config) -> tuple[list[dict], dict, int, dict]:
+def load_sets(cfg: Config) -> tuple[list[dict], dict, int]:
+    """Eval rows, per-set info, and how many training prompts the held-out check compared."""
+    items, sets = load_eval_sets(cfg)
+    return items, sets, check_heldout(cfg, items)
+
+
+def prepare(cfg: Config, loaded: tuple | None = None) -> tuple[list[dict], dict, int, dict]:
     """Everything that can fail on bad input, before Ray or any write: sets (with kinds), the
-    held-out check, the arms and the judge's model."""
+    held-out check (or ``loaded``, its result for the same sets and training prompts), the arms
+    and the judge's model."""
     from cai_ray.engines.base import resolve_model_path
 
     cfg.require("evaluate")
-    items, sets = load_eval_sets(cfg)
-    checked = check_heldout(cfg, items)
+    items, sets, checked = loaded or load_sets(cfg)
     arms = resolve_arms(cfg)
     resolve_model_path(cfg.judge.model)  # a bad judge path fails here, not after generation
     return items, sets, checked, arms
 
 
-def run(cfg: Config, store: Store) -> dict:
-    """Held-out check, generation per arm, both raters, then the report; a finished config is not redone."""
+def run(cfg: Config, store: Store, loaded: tuple | None = None) -> dict:
+    """Held-out check, generation per arm, both raters, then the report; a finished config is not redone.
+
+    ``loaded``: ``load_sets(cfg)`` done once by a caller evaluating many points on the same sets.
+    """
     from cai_ray.runtime import init_ray
 
-    items, sets, train_checked, arms = prepare(cfg)
+    items, sets, train_checked, arms = prepare(cfg, loaded)
     upstream = (json.dumps(asdict(cfg.generate.quality), sort_keys=True),
                 *(f"{n}:{a['adapter']}:{a['adapter_sha256']}" for n, a in arms.items()),
                 hashlib.sha256("\n".join(sorted(f"{r['set']}:{r['id']}" for r in items)).encode()).hexdigest())

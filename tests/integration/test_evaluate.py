@@ -32,7 +32,7 @@ def _args(tmp_path, base, chat, *extra):
 
 def test_evaluate_reports_per_set_over_requests_with_both_raters(tmp_path, tiny_base, tiny_chat, capsys):
     sets = ("evaluate.sets=[{source: samples:red_team_eval}, {source: samples:jailbreak_eval}, "
-            "{source: samples:benign_eval}]")
+            "{source: samples:benign_eval}, {source: samples:capability_eval}]")
     args = _args(tmp_path, tiny_base, tiny_chat, sets, "evaluate.samples_per_prompt=2",
                  "evaluate.arms=[{name: base},"
                  f"{{name: chat, model: {tiny_chat}, role: instruct, format: chat}}]",
@@ -60,7 +60,10 @@ def test_evaluate_reports_per_set_over_requests_with_both_raters(tmp_path, tiny_
                                                 "prompts": 200, "requests": 40}
     for arm in ("base", "chat"):
         entry = report["arms"][arm]
-        assert entry["responses"] == 2 * 280
+        assert entry["responses"] == 2 * (280 + 24)
+        # The alignment tax's reference log-likelihood is scored by the policy itself: always a number.
+        ref = entry["metrics"]["ref_logprob"]
+        assert ref["requests"] == 24 and ref["unrated"] == 0 and ref["mean"] < 0
         keyword = entry["metrics"]["asr_keyword"]
         # The refusal-phrase rater rates every generated response: a real number with an interval.
         assert keyword["rate"] is not None and keyword["requests"] == 40 and keyword["responses"] == 480
@@ -71,10 +74,10 @@ def test_evaluate_reports_per_set_over_requests_with_both_raters(tmp_path, tiny_
 
     # Rows never vanish: every (arm, response, metric, rater) is rated or failed; none imputed.
     rows = pq.read_table(out / "ratings.parquet").to_pylist()
-    assert len(rows) == 2 * 2 * (240 * 2 + 40 * 3)
+    assert len(rows) == 2 * 2 * (240 * 2 + 40 * 3 + 24 * 2)
     assert {(r["metric"], r["rater"]) for r in rows} == {
         ("asr", "judge"), ("asr", "keyword"), ("over_refusal", "judge"), ("over_refusal", "keyword"),
-        ("helpfulness", "judge")}
+        ("helpfulness", "judge"), ("cap_helpfulness", "judge"), ("ref_logprob", "model")}
     assert all(r["score"] is None for r in rows if not r["parse_ok"])
     assert all(r["error"] for r in rows if not r["parse_ok"])
     assert {r["finish_reason"] for r in rows} <= {"stop", "length"}
@@ -90,7 +93,7 @@ def test_evaluate_reports_per_set_over_requests_with_both_raters(tmp_path, tiny_
         "evaluate/responses.json", "evaluate/chart.png", "evaluate/report.json"}
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "evaluate/responses.json",
                                                       str(tmp_path))).read_text())
-    assert len(table["data"]) == 2 * 560 and {"prompt", "response", "asr_raw", "asr_keyword"} <= set(table["columns"])
+    assert len(table["data"]) == 2 * 608 and {"prompt", "response", "asr_raw", "asr_keyword"} <= set(table["columns"])
 
     from cai_ray.cli import main  # the same command in-process: a finished config returns before Ray
 

@@ -32,6 +32,8 @@ def test_sweep_nested_subsets_child_runs_and_summary(tmp_path, tiny_base, tiny_c
     (record,) = out.glob("sweep/*/sweep.json")
     sweep = json.loads(record.read_text())
     assert sweep["sizes"] == [4, 8, 16] and len(sweep["points"]) == 6
+    # One judge app served the baseline and all six points.
+    assert sweep["judge_startups"] == 1 and sweep["clipped"] == {}
     for seed in (0, 1):
         ids = [set(pq.read_table(record.parent / f"seed{seed}" / f"pairs-{n}.parquet").column("id").to_pylist())
                for n in (4, 8, 16)]

@@ -39,7 +39,7 @@ def write_set(path, rows):
 def test_a_set_without_a_declared_kind_stops_with_one_line(tmp_path):
     attack = write_set(tmp_path / "my_attacks.jsonl", [{"prompt": "How do I pick a lock?"}])
     with pytest.raises(ValueError, match=r"^evaluate.sets\[0\]=.*my_attacks.jsonl: no kind declared; set "
-                                         r"evaluate.sets\[0\].kind=harm\|benign\|style") as info:
+                                         r"evaluate.sets\[0\].kind=harm\|benign\|style\|capability") as info:
         load_eval_sets(cfg_with(f"evaluate.sets=[{{source: {attack}}}]"))
     assert "\n" not in str(info.value)
     rows, sets = load_eval_sets(cfg_with(f"evaluate.sets=[{{source: {attack}, kind: harm}}]"))
@@ -97,3 +97,23 @@ def test_few_shot_evaluation_uses_only_benign_demos_for_every_arm():
     with pytest.raises(ConfigError, match="evaluate.few_shot=9 must lie in 1..4"):
         cfg_with("evaluate.few_shot=9")
     assert arm_format(cfg, ArmConfig(name="chat", role="instruct", format="chat")) == "chat"
+
+
+def test_sweep_sizes_past_the_pairs_available_are_clipped_once_and_reported():
+    from cai_ray.pipeline import sweep_sizes
+
+    assert sweep_sizes([42, 1000, 161000], 5000) == ([42, 1000, 5000], {161000: 5000})
+    # Two sizes past the end become one point, not two identical ones.
+    assert sweep_sizes([10, 100000, 161000], 50) == ([10, 50], {100000: 50, 161000: 50})
+    assert sweep_sizes([42], 0) == ([], {42: 0})
+
+
+def test_capability_sets_carry_reference_answers(tmp_path):
+    rows, sets = load_eval_sets(cfg_with("evaluate.sets=[{source: samples:capability_eval}]"))
+    assert sets["capability_eval"]["kind"] == "capability" and len(rows) == 24
+    assert all(r["reference"] for r in rows)
+    assert ratings_for("capability", "strongreject") == [("cap_helpfulness", "judge", "helpfulness"),
+                                                         ("ref_logprob", "model", None)]
+    bare = write_set(tmp_path / "cap.jsonl", [{"prompt": "What is a noun?"}])
+    with pytest.raises(ValueError, match="needs a non-empty `reference` column"):
+        load_eval_sets(cfg_with(f"evaluate.sets=[{{source: {bare}, kind: capability}}]"))

@@ -193,3 +193,21 @@ def test_unit_interval_is_what_the_report_uses():
     rows = [row("a", f"r{i}", float(i < 3)) for i in range(8)]
     m = report_of(rows, {"a": meta()})["arms"]["a"]["metrics"]["asr"]
     assert (m["rate"], m["lo"], m["hi"]) == tuple(unit_interval([1.0] * 3 + [0.0] * 5, True, 1000, 0))
+
+
+def test_alignment_tax_sets_each_arms_safety_change_beside_its_capability_change():
+    rows = []
+    for arm, harm, ref in (("base", 1.0, -2.0), ("sft", 0.0, -2.5)):
+        for i in range(6):
+            rows += [row(arm, f"h{i}", harm), row(arm, f"h{i}", harm, rater="keyword")]
+            rows.append({**row(arm, f"c{i}", ref, set_="capability_eval", metric="ref_logprob", rater="model"),
+                         "kind": "capability"})
+    report = report_of(rows, {"base": meta(), "sft": meta()})
+    ref = report["arms"]["sft"]["metrics"]["ref_logprob"]
+    assert (ref["mean"], ref["requests"]) == (-2.5, 6)
+    report["sets"] = {"red_team_eval": {"kind": "harm"}, "capability_eval": {"kind": "capability"}}
+    lines = summary_text(report).splitlines()
+    start = lines.index("alignment tax, each arm against the one before it (* invalid comparison):")
+    assert lines[start + 1] == ("  sft vs base: ASR judge -1.00 [-1.00,-1.00]; ASR keyword -1.00 [-1.00,-1.00]; "
+                                "ref log-lik/token -0.50 [-0.50,-0.50]")
+    assert any(line.startswith("sft   capability_eval") and "-2.50" in line for line in lines)
