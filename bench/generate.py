@@ -60,7 +60,7 @@ def _config(root: Path, model: str, data: Path, args, *extra: str):
         "generate.few_shot=1", "generate.rounds=2", "generate.num_cpus_per_actor=1",
         "generate.sampling.temperature=0.9", f"generate.sampling.max_new_tokens={args.tokens}",
         f"generate.sampling.min_new_tokens={args.tokens}", "generate.max_error_rate=1.0",
-        "evaluate.sets=[samples:red_team_eval]", "tracking.enabled=false", "runtime.num_cpus=2",
+        "evaluate.sets=[{source: samples:red_team_eval}]", "tracking.enabled=false", "runtime.num_cpus=2",
         "engine.max_lora_rank=0", *extra])
 
 

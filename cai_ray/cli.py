@@ -34,6 +34,16 @@ PIPELINES: dict[str, tuple[str, str]] = {
     "sweep": ("cai_ray.pipeline:sweep",
               "DPO + evaluate on nested pair subsets x seeds, one generation pass and one SFT checkpoint"),
 }
+# How to read what a command prints, shown by `cai-ray COMMAND --help`.
+EPILOGS = {"evaluate": """reading the report:
+  rates are per request first (a request's samples and jailbreak templates count once), then
+  averaged over requests; [lo,hi] is a 95% bootstrap interval resampling requests; hits/rated
+  counts responses (e.g. harmful / judged). Each set has its own row; 'pooled' joins sets by
+  request. 'judge' columns come from the LLM judge, 'keyword' from a refusal-phrase rater; kappa
+  is their agreement. 'failures' are shares of responses (generation errors, empty, truncated,
+  garbage) and of verdicts (parse, judge failures); past evaluate.max_share an arm is UNRELIABLE.
+  'b vs a' differences pair requests (sign-test p); INVALID when formats, sampling or failure
+  shares differ."""}
 # Tool commands with their own argument parsing: name -> (module:function, help).
 TOOLS: dict[str, tuple[str, str]] = {
     "tiny-model": ("cai_ray.tiny:main", "build the tiny offline Llama + tokenizer in a folder"),
@@ -53,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     show = config.add_parser("show", help="print the resolved, validated config")
     _config_args(show)
     for name, (_, text) in {**STAGES, **PIPELINES}.items():
-        _config_args(sub.add_parser(name, help=text, description=text))
+        _config_args(sub.add_parser(name, help=text, description=text, epilog=EPILOGS.get(name),
+                                    formatter_class=argparse.RawDescriptionHelpFormatter))
     for name, (_, text) in TOOLS.items():
         # Listed for --help only; main() hands their arguments over untouched.
         sub.add_parser(name, help=text, description=text)
@@ -75,6 +86,12 @@ def run_command(name: str, cfg) -> dict:
     from cai_ray.pipeline import stage_tags
     from cai_ray.tracking import open_store
 
+    # A stage or pipeline may check its inputs first (cheap checks only), so bad input stops
+    # before an MLflow run or any output exists.
+    module = PIPELINES[name][0].partition(":")[0] if name in PIPELINES else STAGES[name][0]
+    check = getattr(importlib.import_module(module), "check", None)
+    if check is not None:
+        check(cfg)
     store = open_store(cfg, f"{cfg.name}-{name}", stage_tags(cfg, name))
     store.log_config(cfg)
     try:

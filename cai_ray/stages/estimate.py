@@ -105,7 +105,7 @@ def _table(rows: list[dict], note: str) -> str:
 def run(cfg: Config, store: Store) -> dict:
     prompts = load_prompts(cfg.data)
     n_prompts = cfg.estimate.prompts or len(prompts)
-    eval_prompts = sum(len(load_prompts(DataConfig(source=s))) for s in cfg.evaluate.sets)
+    eval_prompts = sum(len(load_prompts(DataConfig(source=s.source))) for s in cfg.evaluate.sets)
     gen = _calibrate(cfg, prompts) if cfg.estimate.calibrate else _uncalibrated(cfg, prompts)
     rows = _rows(cfg, gen, n_prompts, eval_prompts, _row_tokens(cfg, prompts, gen))
     how = (f"generation measured on {gen['calibrated_on']} prompts with engine.backend={cfg.engine.backend}"

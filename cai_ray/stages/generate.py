@@ -29,7 +29,7 @@ PROGRESS_EVERY = 256
 
 def _check_heldout(cfg: Config, rows: list[dict]) -> int:
     """Refuse to generate from prompts that are also evaluation prompts."""
-    sets = list(dict.fromkeys([*cfg.evaluate.sets, *cfg.generate.heldout_sets]))
+    sets = list(dict.fromkeys([*(e.source for e in cfg.evaluate.sets), *cfg.generate.heldout_sets]))
     if not sets:
         return 0
     index = TrainIndex([(r["id"], r["prompt"]) for r in rows])

@@ -28,7 +28,7 @@ def _args(tmp_path, model, data, *extra):
     return [f"model.path={model}", f"output_dir={tmp_path / 'out'}", f"data.source={data}",
             "runtime.num_cpus=2", "generate.rounds=1", "generate.few_shot=1", "generate.batch_size=4",
             "generate.sampling.max_new_tokens=6", "generate.sampling.min_new_tokens=2",
-            "evaluate.sets=[samples:red_team_eval]", *extra]
+            "evaluate.sets=[{source: samples:red_team_eval}]", *extra]
 
 
 def cai(*args, timeout=300, **kw):

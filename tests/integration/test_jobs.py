@@ -73,7 +73,7 @@ def test_submit_a_stage_and_find_its_outputs(head, tmp_path, tiny_base):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "cai_ray", "submit", "configs/quickstart.yaml",
             f"model.path={tiny_base}", f"output_dir={out}", "data.limit=4", "generate.actors=1",
-            "generate.rounds=1", "generate.sampling.max_new_tokens=4", "evaluate.sets=[samples:red_team_eval]",
+            "generate.rounds=1", "generate.sampling.max_new_tokens=4", "evaluate.sets=[{source: samples:red_team_eval}]",
             "--command", "generate", "--address", head]
     done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from cai_ray.config import load_config
 from cai_ray.judge.client import JudgeClient
-from cai_ray.judge.rubrics import RUBRICS
+from cai_ray.judge.rubrics import HARM_RUBRICS, RUBRICS
 from cai_ray.judge.serve import BASE_STOP, start_judge, stop_judge
 
 pytestmark = pytest.mark.slow
@@ -86,6 +86,8 @@ def _check_verdict(body, row):
 def test_http_concurrent_requests_each_get_their_own_verdict(judge):
     _, url = judge
     rows = [{**ROWS[i % len(ROWS)], "id": f"row-{i}"} for i in range(24)]
+    # Every registered rubric, each harm rubric judge.harm_rubric may name included, goes through Serve.
+    assert {row["rubric"] for row in rows} == set(RUBRICS) >= set(HARM_RUBRICS)
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda row: _post(url, row), rows))
     for row, (status, body) in zip(rows, replies):

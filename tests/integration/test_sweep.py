@@ -23,7 +23,7 @@ def test_sweep_nested_subsets_child_runs_and_summary(tmp_path, tiny_base, tiny_c
     args = [f"model.path={tiny_base}", f"judge.model.path={tiny_chat}", f"output_dir={out}",
             "data.limit=20", "generate.rounds=1", "generate.actors=1", "generate.sampling.max_new_tokens=6",
             "sft.max_steps=2", "dpo.max_steps=2", "train.workers=1", "train.checkpoint_every=2",
-            "evaluate.sampling.max_new_tokens=4", f"evaluate.sets=[{harm},{benign}]",
+            "evaluate.sampling.max_new_tokens=4", f"evaluate.sets=[{{source: {harm}, kind: harm}}, {{source: {benign}, kind: benign}}]",
             "judge.sampling.max_new_tokens=8", "sweep.sizes=[4,8,16]", "sweep.seeds=[0,1]",
             "tracking.experiment=sweep-test"]
     done = subprocess.run([sys.executable, "-m", "cai_ray", "sweep", "configs/quickstart.yaml", *args],
@@ -32,6 +32,8 @@ def test_sweep_nested_subsets_child_runs_and_summary(tmp_path, tiny_base, tiny_c
     (record,) = out.glob("sweep/*/sweep.json")
     sweep = json.loads(record.read_text())
     assert sweep["sizes"] == [4, 8, 16] and len(sweep["points"]) == 6
+    # One judge app served the baseline and all six points.
+    assert sweep["judge_startups"] == 1 and sweep["clipped"] == {}
     for seed in (0, 1):
         ids = [set(pq.read_table(record.parent / f"seed{seed}" / f"pairs-{n}.parquet").column("id").to_pylist())
                for n in (4, 8, 16)]

@@ -237,10 +237,10 @@ def test_unsupported_file_and_unknown_sample(tmp_path):
 # ---------------------------------------------------------------- shipped sets
 
 EXPECTED = {"red_team": ({"category"}, 80), "helpful": ({"category"}, 60),
-            "helpful_sft": ({"category", "completion"}, 40), "red_team_eval": ({"category"}, 40),
-            "jailbreak_eval": ({"category", "template", "base_prompt"}, 200),
-            "benign_eval": ({"category"}, 40), "borderline_eval": ({"category"}, 30),
-            "style_eval": ({"style"}, 39)}
+            "helpful_sft": ({"category", "completion"}, 40), "red_team_eval": ({"category", "kind"}, 40),
+            "jailbreak_eval": ({"category", "template", "base_prompt", "kind"}, 200),
+            "benign_eval": ({"category", "kind"}, 40), "borderline_eval": ({"category", "kind"}, 30),
+            "style_eval": ({"style", "kind"}, 39)}
 STYLES = ["technical_precise", "noir_detective", "formal_academic", "poetic_literary", "shakespeare_archaic",
           "socratic_questioning", "casual_conversational", "grumpy_old_person", "french_phrases",
           "storytelling_narrative", "enthusiastic_excited", "minimalist_terse", "overexcited_child"]
