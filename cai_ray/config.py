@@ -130,8 +130,8 @@ class DataConfig:
     limit: Optional[int] = None
     dedupe: bool = True
     # What a prompt is for: "harm" (critique/revision chains and pairs) or "helpful" (a plain
-    # reply for the SL-CAI mix).  Rows take it from a "purpose" column, or from their hh-rlhf
-    # subset, else from this default.
+    # reply for the SL-CAI mix).  Rows take it from their hh-rlhf subset, else from a "purpose"
+    # column, else from this default.
     purpose: str = "harm"
     # hh-rlhf only: the subsets (folders; data_dir on the hub) to read when the source has them;
     # harmless-* rows are "harm", helpful-* rows "helpful".  These four are the 160,800-row train
