@@ -9,6 +9,7 @@ line naming the key and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
@@ -106,6 +107,15 @@ class SamplingConfig:
             raise ConfigError(f"{key}.min_new_tokens must lie in [0, {key}.max_new_tokens]")
 
 
+PURPOSES = ("harm", "helpful")
+HH_TRAIN_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+
+
+def subset_purpose(subset: str) -> Optional[str]:
+    """The purpose of an hh-rlhf subset's rows, from its name; None for other subsets."""
+    return "harm" if subset.startswith("harmless-") else "helpful" if subset.startswith("helpful-") else None
+
+
 @dataclass
 class DataConfig:
     # "samples:NAME" (shipped with the repo), a .jsonl/.parquet file, a local
@@ -119,12 +129,25 @@ class DataConfig:
     hh_mode: str = "first_turn"
     limit: Optional[int] = None
     dedupe: bool = True
+    # What a prompt is for: "harm" (critique/revision chains and pairs) or "helpful" (a plain
+    # reply for the SL-CAI mix).  Rows take it from their hh-rlhf subset, else from a "purpose"
+    # column, else from this default.
+    purpose: str = "harm"
+    # hh-rlhf only: the subsets (folders; data_dir on the hub) to read when the source has them;
+    # harmless-* rows are "harm", helpful-* rows "helpful".  These four are the 160,800-row train
+    # split (the field named "field" above hides dataclasses.field here).  [] reads the source whole.
+    subsets: list[str] = dataclasses.field(default_factory=lambda: list(HH_TRAIN_SUBSETS))
 
     def validate(self, key: str = "data") -> None:
         if not self.source:
             raise ConfigError(f"{key}.source is empty; give a file, folder, hub id or samples:NAME")
         _choice(f"{key}.layout", self.layout, ("plain", "hh-rlhf"))
         _choice(f"{key}.hh_mode", self.hh_mode, ("first_turn", "prefix"))
+        _choice(f"{key}.purpose", self.purpose, PURPOSES)
+        for i, name in enumerate(self.subsets):
+            if subset_purpose(name) is None:
+                raise ConfigError(f"{key}.subsets[{i}]={name!r} has no purpose: only harmless-* (harm) "
+                                  f"and helpful-* (helpful) subsets are read")
         if self.limit is not None:
             _positive(f"{key}.limit", self.limit)
 
@@ -152,6 +175,8 @@ class GenerateConfig:
     constitution: str = "default"
     # Number of few-shot examples before each prompt (k).
     few_shot: int = 2
+    # Benign demonstrations before each helpful-purpose prompt.
+    helpful_few_shot: int = 2
     rounds: int = 1
     actors: int = 1
     num_cpus_per_actor: float = 1.0
@@ -166,6 +191,7 @@ class GenerateConfig:
 
     def validate(self, key: str = "generate") -> None:
         _positive(f"{key}.few_shot", self.few_shot, zero_ok=True)
+        _positive(f"{key}.helpful_few_shot", self.helpful_few_shot, zero_ok=True)
         _positive(f"{key}.rounds", self.rounds)
         _positive(f"{key}.actors", self.actors)
         _positive(f"{key}.batch_size", self.batch_size)
@@ -226,8 +252,14 @@ class TrainConfig:
 
 @dataclass
 class SFTConfig:
-    # (prompt, completion) rows; None means the sft output of the generate stage.
+    # One (prompt, completion) file trained on as it is, instead of the SL-CAI mix below.
     data: Optional[str] = None
+    # SL-CAI: revisions (None: the generate stage's sft.parquet) mixed with helpful rows (None:
+    # the generate stage's helpful.parquet; or a file / samples:helpful_sft), with this share of
+    # helpful rows: 0 = revisions only, 1 = helpful only.
+    revisions: Optional[str] = None
+    helpful: Optional[str] = None
+    helpful_ratio: float = 0.5
     lr: float = 2e-4
     epochs: int = 1
     # Stop after this many optimizer steps (-1: run the epochs).
@@ -235,6 +267,10 @@ class SFTConfig:
     merge: bool = False
 
     def validate(self, key: str = "sft") -> None:
+        _fraction(f"{key}.helpful_ratio", self.helpful_ratio)
+        if self.data and (self.revisions or self.helpful):
+            raise ConfigError(f"{key}.data replaces the SL-CAI mix; set either {key}.data or "
+                              f"{key}.revisions/{key}.helpful, not both")
         _positive(f"{key}.lr", self.lr)
         _positive(f"{key}.epochs", self.epochs)
         if self.max_steps == 0 or self.max_steps < -1:

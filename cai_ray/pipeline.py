@@ -49,15 +49,15 @@ def stage_tags(cfg: Config, stage: str, **extra) -> dict:
 
 def _inputs(cfg: Config, stage: str) -> list[tuple[Path, str]]:
     """The files a training stage reads, to show as MLflow run inputs."""
-    from cai_ray.train.data import dpo_source, sft_source
+    from cai_ray.train.data import dpo_source, sft_sources
 
-    source = {"sft": sft_source, "dpo": dpo_source}.get(stage)
-    if source is None:
+    if stage not in ("sft", "dpo"):
         return []
-    name = source(cfg)
-    path = (Path(__file__).parent / "data" / "samples" / f"{name[len('samples:'):]}.jsonl"
-            if name.startswith("samples:") else Path(name))
-    return [(path, f"{stage}-data")] if path.is_file() else []
+    sources = sft_sources(cfg) if stage == "sft" else {"dpo.data": dpo_source(cfg)}
+    named = [(Path(__file__).parent / "data" / "samples" / f"{name[len('samples:'):]}.jsonl"
+              if name.startswith("samples:") else Path(name), key.replace(".", "-"))
+             for key, name in sources.items()]
+    return [(path, dataset) for path, dataset in named if path.is_file()]
 
 
 def _child(parent: Store, cfg: Config, stage: str, name: str, run_kwargs: dict | None = None, **tags) -> dict:

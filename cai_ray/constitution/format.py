@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from cai_ray.constitution.fewshot import EXAMPLES, FewShotExample
+from cai_ray.constitution.fewshot import EXAMPLES, HELPFUL_EXAMPLES, FewShotExample
 from cai_ray.constitution.principles import Principle
 
 HUMAN, ASSISTANT = "Human", "Assistant"
@@ -30,7 +30,7 @@ SEPARATOR = "\n\n====="
 # No marker can legitimately appear inside any step's output, so every step
 # stops on all of them (and on the example separator).
 STOP = tuple(f"\n\n{role}:" for role in ROLES) + (SEPARATOR,)
-STEPS = ("initial", "critique", "revision")
+STEPS = ("initial", "critique", "revision", "helpful")
 
 # A leak the stop strings miss: a marker at a line start after a single
 # newline (or at the very start), or the separator line.
@@ -103,6 +103,19 @@ def initial_prompt(prompt: str, examples_k: int) -> str:
     and revision then improve.
     """
     blocks = [_dialogue(ex.prompt, ex.initial) for ex in _examples(examples_k)]
+    return _with_examples(blocks, conversation_prompt(prompt))
+
+
+def helpful_prompt(prompt: str, examples_k: int) -> str:
+    """``examples_k`` benign request/reply dialogues, then the prompt; ends with ``\n\nAssistant:``.
+
+    For helpful-purpose prompts: a plain helpful reply, no critique.  The demonstrations are
+    ``HELPFUL_EXAMPLES``, so no harmful request and no compliant reply to one is ever shown.
+    """
+    if not isinstance(examples_k, int) or not 0 <= examples_k <= len(HELPFUL_EXAMPLES):
+        raise ValueError(f"generate.helpful_few_shot={examples_k!r} must lie in 0..{len(HELPFUL_EXAMPLES)} "
+                         f"(the number of helpful examples)")
+    blocks = [_dialogue(ex.prompt, ex.reply) for ex in HELPFUL_EXAMPLES[:examples_k]]
     return _with_examples(blocks, conversation_prompt(prompt))
 
 

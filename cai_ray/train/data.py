@@ -53,9 +53,30 @@ def _generated(cfg: Config, name: str, key: str) -> str:
     return str(path)
 
 
-def sft_source(cfg: Config) -> str:
-    """``sft.data``, else the generate stage's ``sft.parquet``."""
-    return cfg.sft.data or _generated(cfg, "sft.parquet", "sft.data")
+def _sft_wanted(cfg: Config) -> dict[str, Optional[str]]:
+    """{config key: source} the SFT stage reads; None stands for the generate stage's output."""
+    s = cfg.sft
+    if s.data:
+        return {"sft.data": s.data}
+    wanted = {}
+    if s.helpful_ratio < 1:
+        wanted["sft.revisions"] = s.revisions
+    if s.helpful_ratio > 0:
+        wanted["sft.helpful"] = s.helpful
+    return wanted
+
+
+def sft_reads_generate(cfg: Config) -> bool:
+    """Whether the SFT data comes (in part) from the generate stage, whose hash then keys the SFT folder."""
+    return None in _sft_wanted(cfg).values()
+
+
+def sft_sources(cfg: Config) -> dict[str, str]:
+    """{config key: file or samples:NAME}: ``sft.data`` alone, or the SL-CAI mix's sources that
+    ``sft.helpful_ratio`` uses (revisions: the generate stage's ``sft.parquet``, helpful rows:
+    its ``helpful.parquet``, unless set)."""
+    files = {"sft.revisions": "sft.parquet", "sft.helpful": "helpful.parquet"}
+    return {key: source or _generated(cfg, files[key], key) for key, source in _sft_wanted(cfg).items()}
 
 
 def dpo_source(cfg: Config) -> str:
@@ -130,8 +151,47 @@ def read_rows(source: str, required: tuple[str, ...], optional: tuple[str, ...] 
     return [{c: columns[c][i] for c in kept} for i in range(n)]
 
 
-def read_sft(cfg: Config) -> list[dict[str, str]]:
-    return read_rows(sft_source(cfg), SFT_COLUMNS, key="sft.data")
+def mix_counts(revisions: int, helpful: int, ratio: float) -> tuple[int, int]:
+    """(revision rows, helpful rows) to use: the most rows whose helpful share is ``ratio``
+    without using any row twice; the larger source is subsampled, never repeated."""
+    if ratio == 0:
+        return revisions, 0
+    if ratio == 1:
+        return 0, helpful
+    total = math.floor(min(revisions / (1 - ratio), helpful / ratio) + 1e-9)
+    n_helpful = round(ratio * total)
+    return total - n_helpful, n_helpful
+
+
+def _sample(rows: list, n: int, seed: int, stream: int) -> list:
+    """``n`` of ``rows`` chosen by a seeded permutation, kept in file order."""
+    if n >= len(rows):
+        return rows
+    keep = np.sort(np.random.default_rng([seed, stream]).permutation(len(rows))[:n])
+    return [rows[i] for i in keep]
+
+
+def read_sft(cfg: Config, mix: Optional[dict] = None) -> list[dict[str, str]]:
+    """SFT rows: ``sft.data`` as it is, or the SL-CAI mix of revisions and helpful rows at
+    ``sft.helpful_ratio`` (seeded by ``cfg.seed``).  ``mix``, if given, is filled with the
+    composition: per source its file, rows available and rows used, and the ratio asked and got."""
+    sources = sft_sources(cfg)
+    read = {key: read_rows(source, SFT_COLUMNS, key=key) for key, source in sources.items()}
+    if "sft.data" in read:
+        rows, used = read["sft.data"], {"sft.data": len(read["sft.data"])}
+    else:
+        n_rev, n_help = mix_counts(len(read.get("sft.revisions", ())), len(read.get("sft.helpful", ())),
+                                   cfg.sft.helpful_ratio)
+        used = {key: n for key, n in (("sft.revisions", n_rev), ("sft.helpful", n_help)) if key in read}
+        # One random stream per source, so one source's draw never depends on the other's size.
+        rows = [row for stream, key in enumerate(("sft.revisions", "sft.helpful")) if key in used
+                for row in _sample(read[key], used[key], cfg.seed, stream)]
+    if mix is not None:
+        mix.update({"helpful_ratio": cfg.sft.helpful_ratio, "rows": len(rows),
+                    "helpful_share": used.get("sft.helpful", 0) / max(len(rows), 1),
+                    "sources": {key: {"source": sources[key], "available": len(read[key]), "used": n}
+                                for key, n in used.items()}})
+    return rows
 
 
 def read_dpo(cfg: Config) -> list[dict[str, Any]]:

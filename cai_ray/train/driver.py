@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from cai_ray.config import Config, stage_dir, stage_hash, to_yaml
 from cai_ray.tracking import Store, write_atomic
+from cai_ray.train.data import sft_reads_generate
 
 MANIFEST = "manifest.json"
 RUN_STATE = "ray_run.json"
@@ -33,8 +34,8 @@ FAIL_ONCE_ENV = "CAI_RAY_FAIL_ONCE"
 def output_dir(cfg: Config, kind: str) -> Path:
     """The stage folder: keyed by the config hash and, through ``upstream``, by the stages it reads."""
     upstream: list[str] = []
-    data = cfg.sft.data if kind == "sft" else cfg.dpo.data
-    if data is None:
+    reads_generate = sft_reads_generate(cfg) if kind == "sft" else cfg.dpo.data is None
+    if reads_generate:
         upstream.append(f"generate:{stage_hash(cfg, 'generate')}")
     if kind == "dpo" and cfg.dpo.sft_adapter is None:
         upstream.append(f"sft:{output_dir(cfg, 'sft').name}")

@@ -9,16 +9,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _prompts(path: Path, n: int, long_rows: int = 0) -> Path:
+def _prompts(path: Path, n: int, long_rows: int = 0, helpful: int = 0) -> Path:
     with path.open("w") as f:
         for i in range(n):
             f.write(json.dumps({"prompt": f"Question number {i}: how should I treat my neighbour {i}?"}) + "\n")
+        for i in range(helpful):
+            f.write(json.dumps({"prompt": f"How do I water plant number {i}?", "purpose": "helpful"}) + "\n")
         for i in range(long_rows):
             f.write(json.dumps({"prompt": "please explain " * 1500 + str(i)}) + "\n")
     return path
@@ -41,35 +44,109 @@ def _out(tmp_path) -> Path:
     return folder
 
 
-def test_generate_writes_chains_sft_pairs_and_error_rows(tmp_path, tiny_base):
-    data = _prompts(tmp_path / "p.jsonl", 10, long_rows=1)
-    done = cai("generate", "configs/quickstart.yaml",
-               *_args(tmp_path, tiny_base, data, "generate.actors=2", "generate.max_error_rate=0.2"))
+def test_generate_writes_chains_sft_pairs_helpful_and_error_rows(tmp_path, tiny_eos):
+    # EOS held back for 2 tokens, then it wins: every step ends with "stop", so rows get through.
+    data = _prompts(tmp_path / "p.jsonl", 10, long_rows=1, helpful=3)
+    args = ("generate.max_error_rate=0.2", "generate.helpful_few_shot=1")
+    done = cai("generate", "configs/quickstart.yaml", *_args(tmp_path, tiny_eos, data, "generate.actors=2", *args))
     assert done.returncode == 0, done.stderr[-3000:]
     out = _out(tmp_path)
     chains = pq.read_table(out / "chains").to_pylist()
-    assert len(chains) == 11 and len({r["id"] for r in chains}) == 11
+    assert len(chains) == 14 and len({r["id"] for r in chains}) == 14
     long_row = [r for r in chains if r["prompt"].startswith("please explain")][0]
     assert "context" in long_row["error"] and long_row["final"] is None
-    ok = [r for r in chains if not r["error"]]
+    ok = [r for r in chains if not r["error"] and r["purpose"] == "harm"]
     assert all(len(r["rounds"]) == 1 and r["rounds"][0]["principle_id"] for r in ok)
+    helpful = [r for r in chains if r["purpose"] == "helpful"]
+    assert len(helpful) == 3 and all(r["rounds"] == [] and r["initial_finish"] == "stop" for r in helpful)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["errors"] == 1 and manifest["chains"] == 11
-    assert manifest["sft_rows"] + manifest["rejects"] == 11
-    assert set(manifest["filters"]) >= {"repeated_ngrams", "role_leak", "symbol_run"}
+    assert manifest["errors"] == 1 and manifest["chains"] == 14
+    assert manifest["prompts"] == {"harm": 11, "helpful": 3} and manifest["data"]["purpose"] == manifest["prompts"]
+    assert manifest["finish"]["initial"]["length"] == 0 and manifest["finish"]["initial"]["error"] == 1
+    assert manifest["sft_rows"] + manifest["helpful_rows"] + manifest["rejects"] == 14
+    assert set(manifest["filters"]) >= {"repeated_ngrams", "role_leak", "symbol_run", "empty", "truncated"}
     pairs = pq.read_table(out / "pairs.parquet")
     assert pairs.column_names[:5] == ["prompt", "chosen", "rejected", "source", "label"]
     assert pq.read_table(out / "sft.parquet").column_names[:2] == ["prompt", "completion"]
-    assert "error" in pq.read_table(out / "rejects.parquet").column("reason").to_pylist()[0] or \
-        any("error" in r for r in pq.read_table(out / "rejects.parquet").column("reason").to_pylist())
+    assert pq.read_table(out / "helpful.parquet").column_names == ["prompt", "completion", "id"]
+    assert pq.read_table(out / "helpful.parquet").num_rows == manifest["helpful_rows"] > 0
+    assert any(r.startswith("error: ") for r in pq.read_table(out / "rejects.parquet").column("reason").to_pylist())
     assert (out / "config.yaml").exists()
-    _pairs_train_with_trl(out / "pairs.parquet", tiny_base, tmp_path)
+    _pairs_train_with_trl(out / "pairs.parquet", tiny_eos, tmp_path)
     # Same config again: the finished stage is not redone.
-    again = cai("generate", "configs/quickstart.yaml",
-                *_args(tmp_path, tiny_base, data, "generate.actors=1", "generate.max_error_rate=0.2"))
+    again = cai("generate", "configs/quickstart.yaml", *_args(tmp_path, tiny_eos, data, "generate.actors=1", *args))
     assert again.returncode == 0 and "resumed_rows" in again.stdout
-    assert _out(tmp_path) == out and len(list((out / "chains").glob("part-*"))) == len(
-        list((out / "chains").glob("part-*")))
+    assert _out(tmp_path) == out
+
+
+def test_cut_or_empty_text_never_becomes_a_target(tmp_path, tiny_base):
+    """On the plain tiny model about a quarter of 96-token replies end on their own: the others
+    are cut, and none of those may become an SFT target, a chosen or rejected side or a helpful row."""
+    data = _prompts(tmp_path / "p.jsonl", 16, helpful=8)
+    done = cai("generate", "configs/quickstart.yaml", *_args(
+        tmp_path, tiny_base, data, "generate.sampling.max_new_tokens=96", "generate.batch_size=12"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = _out(tmp_path)
+    chains = {r["id"]: r for r in pq.read_table(out / "chains").to_pylist()}
+    ids = {name: set(pq.read_table(out / f"{name}.parquet").column("id").to_pylist())
+           for name in ("sft", "pairs", "helpful", "rejects")}
+    final = {i: (r["rounds"][-1]["revision_finish"] if r["rounds"] else r["initial_finish"]) for i, r in chains.items()}
+    assert all(final[i] == "stop" for i in ids["sft"] | ids["helpful"])
+    assert all(chains[i]["initial_finish"] == "stop" for i in ids["pairs"]) and ids["pairs"] <= ids["sft"]
+    cut = {i for i in chains if final[i] == "length"}
+    assert cut and cut <= ids["rejects"] and not cut & (ids["sft"] | ids["helpful"])
+    rejects = {r["id"]: r for r in pq.read_table(out / "rejects.parquet").to_pylist()}
+    cut_initial = {i for i in ids["sft"] if chains[i]["initial_finish"] == "length"}
+    assert all(rejects[i]["reason"] == "truncated_initial" and rejects[i]["lost"] == "pair" for i in cut_initial)
+    assert all("truncated" in rejects[i]["reason"].split(", ") and rejects[i]["lost"] != "pair" for i in cut)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["filters"]["truncated"] == len(cut)
+    steps = manifest["finish"]
+    assert steps["helpful"]["stop"] + steps["helpful"]["length"] == 8
+    went_on = steps["initial"]["stop"] + steps["initial"]["length"]
+    assert sum(steps["initial"].values()) == 16 and sum(steps["critique"].values()) == went_on
+
+
+def test_a_model_that_only_says_eos_finishes_with_every_row_rejected_as_empty(tmp_path, tiny_eos):
+    import mlflow
+
+    data = _prompts(tmp_path / "p.jsonl", 6, helpful=4)
+    done = cai("generate", "configs/quickstart.yaml",
+               *_args(tmp_path, tiny_eos, data, "generate.sampling.min_new_tokens=0"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    out = _out(tmp_path)
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert len(rejects) == 10 and {r["reason"] for r in rejects} == {"empty"}
+    assert {(r["purpose"], r["step"], r["lost"]) for r in rejects} == {
+        ("harm", "initial", "sft+pair"), ("helpful", "helpful", "helpful")}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["sft_rows"], manifest["pairs"], manifest["helpful_rows"], manifest["errors"]) == (0, 0, 0, 0)
+    assert manifest["filters"]["empty"] == 10
+    assert manifest["finish"]["initial"]["empty"] == 6 and manifest["finish"]["helpful"]["empty"] == 4
+    assert sum(manifest["finish"]["critique"].values()) == 0  # an empty reply is not critiqued
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(manifest["mlflow_run_id"])
+    assert run.data.metrics["filter/empty"] == 10 and run.data.metrics["finish/helpful/empty"] == 4
+    # The SFT stage then says what is wrong in one line rather than training on nothing.
+    sft = cai("sft", "configs/quickstart.yaml", *_args(tmp_path, tiny_eos, data, "generate.sampling.min_new_tokens=0",
+                                                       "sft.data=null"))
+    assert sft.returncode == 2 and len(sft.stderr.strip().splitlines()) == 1, sft.stderr[-2000:]
+    assert "sft.parquet has no rows" in sft.stderr
+
+
+def test_chains_of_another_schema_are_not_mixed_in(tmp_path, tiny_base):
+    from cai_ray.config import load_config, stage_dir
+
+    data = _prompts(tmp_path / "p.jsonl", 3)
+    args = _args(tmp_path, tiny_base, data)
+    chains = stage_dir(load_config(ROOT / "configs/quickstart.yaml", args), "generate") / "chains"
+    chains.mkdir(parents=True)
+    old = pa.table({"id": ["x"], "prompt": ["p"], "initial": ["a"], "final": ["b"]})
+    pq.write_table(old, chains / "part-1-1.parquet")
+    done = cai("generate", "configs/quickstart.yaml", *args)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
+    assert "part-1-1.parquet: chains written with another schema" in done.stderr
+    assert sorted(p.name for p in chains.iterdir()) == ["part-1-1.parquet"]
 
 
 def _pairs_train_with_trl(pairs: Path, model_path: str, tmp_path: Path) -> None:
@@ -119,6 +196,8 @@ def test_killed_driver_then_rerun_gives_every_id_once(tmp_path, tiny_base):
     (["data.field=question"], "question"),
     (["generate.constitution=nope"], "nope"),
     (["generate.few_shot=99"], "generate.few_shot=99"),
+    (["generate.helpful_few_shot=9"], "generate.helpful_few_shot=9"),
+    (["data.purpose=both"], "data.purpose"),
     (["model.path=/no/such/model"], "/no/such/model"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_base, override, fragment):

@@ -1,13 +1,16 @@
 """The chain over a batch, with a fake engine (pure prompt logic, no model)."""
 
 from cai_ray.config import SamplingConfig
-from cai_ray.constitution import load_constitution
-from cai_ray.constitution.chain import row_seed, run_chains
+from cai_ray.constitution import HELPFUL_EXAMPLES, load_constitution
+from cai_ray.constitution.chain import helpful_replies, row_seed, run_chains
 from cai_ray.engines import Completion
 
 
 class Echo:
-    """Answers each prompt with a tag naming the step it was asked for; fails on 'FAIL'."""
+    """Answers each prompt with a tag naming the step it was asked for; fails on 'FAIL'.
+
+    A prompt whose request contains 'SILENT@<marker>' gets an empty reply (EOS at once) at the
+    step ending in that marker, 'LONG@<marker>' a reply cut at max_new_tokens."""
 
     def __init__(self):
         self.calls = []
@@ -16,11 +19,15 @@ class Echo:
         self.calls.append((list(prompts), list(seeds)))
         out = []
         for p, s in zip(prompts, seeds):
+            step = p.rsplit("\n\n", 1)[-1].rstrip(":")
             if "FAIL" in p and p.endswith("Critique:"):
                 out.append(Completion("", 5, 0, "error", "prompt has 9999 tokens; context is 2048"))
-                continue
-            step = p.rsplit("\n\n", 1)[-1].rstrip(":")
-            out.append(Completion(f" {step} #{s % 1000}\n\nHuman: leaked", 5, 3, "stop"))
+            elif f"SILENT@{step}" in p:
+                out.append(Completion("", 5, 1, "stop"))
+            elif f"LONG@{step}" in p:
+                out.append(Completion(f" {step} goes on and", 5, 4, "length"))
+            else:
+                out.append(Completion(f" {step} #{s % 1000}\n\nHuman: leaked", 5, 3, "stop"))
         return out
 
 
@@ -44,7 +51,8 @@ def test_failed_row_keeps_its_error_and_others_go_on():
     rows = run_chains(engine, [{"id": "a", "prompt": "FAIL"}, {"id": "b", "prompt": "ok"}], const,
                       rounds=1, few_shot=0, params=SamplingConfig(), seed=0)
     assert rows[0]["error"].startswith("critique (round 1): prompt has 9999 tokens")
-    assert rows[0]["final"] is None and rows[0]["rounds"] == []
+    assert rows[0]["final"] is None
+    assert [(r["critique_finish"], r["revision_finish"]) for r in rows[0]["rounds"]] == [("error", None)]
     assert rows[1]["error"] is None and rows[1]["final"]
     assert len(engine.calls[2][0]) == 1             # the failed row sat out the revision
 
@@ -56,3 +64,43 @@ def test_seeds_and_principles_depend_on_id_not_batch():
                       SamplingConfig(), 7)
     assert solo[0] == pair[1]
     assert row_seed(0, "b", "initial") != row_seed(0, "b", "critique", 1) != row_seed(1, "b", "critique", 1)
+
+
+def test_every_step_records_its_finish():
+    rows = run_chains(Echo(), [{"id": "a", "prompt": "ok"}, {"id": "b", "prompt": "LONG@Critique"}],
+                      load_constitution("default"), rounds=2, few_shot=0, params=SamplingConfig(), seed=0)
+    assert rows[0]["initial_finish"] == "stop" and rows[0]["purpose"] == "harm"
+    assert [(r["critique_finish"], r["revision_finish"]) for r in rows[0]["rounds"]] == [("stop", "stop")] * 2
+    # A cut critique still has text: the chain goes on, and the cut is on record.
+    assert [(r["critique_finish"], r["revision_finish"]) for r in rows[1]["rounds"]] == [("length", "stop")] * 2
+    assert rows[1]["final"] == rows[1]["rounds"][-1]["revision"]
+
+
+def test_an_empty_step_ends_the_row_without_an_error():
+    engine = Echo()
+    prompts = [{"id": "a", "prompt": "SILENT@Assistant"}, {"id": "b", "prompt": "SILENT@Revision"},
+               {"id": "c", "prompt": "fine"}]
+    rows = run_chains(engine, prompts, load_constitution("default"), rounds=2, few_shot=0,
+                      params=SamplingConfig(), seed=0)
+    silent, no_revision, fine = rows
+    assert (silent["initial"], silent["initial_finish"], silent["rounds"], silent["final"]) == ("", "empty", [], None)
+    assert [(r["critique_finish"], r["revision_finish"]) for r in no_revision["rounds"]] == [("stop", "empty")]
+    assert no_revision["final"] is None and no_revision["error"] is None and silent["error"] is None
+    assert fine["final"] and len(fine["rounds"]) == 2
+    # Ended rows are not sent to later steps.
+    assert [len(prompts) for prompts, _ in engine.calls] == [3, 2, 2, 1, 1]
+
+
+def test_helpful_replies_one_call_after_benign_demos():
+    engine = Echo()
+    rows = helpful_replies(engine, [{"id": "h", "prompt": "How do I boil an egg?"},
+                                    {"id": "e", "prompt": "SILENT@Assistant"},
+                                    {"id": "l", "prompt": "LONG@Assistant"}], 1, SamplingConfig())
+    (prompts, seeds), = engine.calls
+    assert prompts[0].startswith(f"\n\nHuman: {HELPFUL_EXAMPLES[0].prompt}") and "Critique" not in prompts[0]
+    assert seeds[0] == row_seed(0, "h", "helpful")
+    ok, empty, cut = rows
+    assert ok["purpose"] == "helpful" and ok["rounds"] == [] and ok["final"] == ok["initial"] == "Assistant #" + \
+        str(seeds[0] % 1000)
+    assert (empty["initial_finish"], empty["final"]) == ("empty", None)
+    assert cut["initial_finish"] == "length" and cut["final"] == "Assistant goes on and"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from cai_ray.constitution import (
-    CONSTITUTIONS_DIR, EXAMPLES, STOP, Principle, available_constitutions, build_pair, clean, conversation_prompt,
-    critique_prompt, draw_comparison, draw_principle, initial_prompt, load_constitution,
-    revision_prompt, sft_row, stops_for,
+    CONSTITUTIONS_DIR, EXAMPLES, HELPFUL_EXAMPLES, STOP, Principle, available_constitutions, build_pair, clean,
+    conversation_prompt, critique_prompt, draw_comparison, draw_principle, helpful_prompt, helpful_row,
+    initial_prompt, load_constitution, revision_prompt, screen, sft_row, stops_for,
 )
 
 P = Principle(id="p", critique="Is the reply rude? Explain.", revision="Rewrite it politely.")
@@ -162,17 +162,39 @@ def test_empty_prompt_rejected():
         conversation_prompt("   ")
 
 
+def test_helpful_prompt_golden_and_bounds():
+    assert helpful_prompt("How do I boil an egg?", 0) == "\n\nHuman: How do I boil an egg?\n\nAssistant:"
+    first = HELPFUL_EXAMPLES[0]
+    assert helpful_prompt("How do I boil an egg?", 1) == (
+        f"\n\nHuman: {first.prompt}\n\nAssistant: {first.reply}" + SEP
+        + "\n\nHuman: How do I boil an egg?\n\nAssistant:")
+    k = len(HELPFUL_EXAMPLES)
+    assert helpful_prompt("q", k).count(SEP) == k
+    with pytest.raises(ValueError, match=rf"^generate.helpful_few_shot={k + 1} must lie in 0..{k}"):
+        helpful_prompt("q", k + 1)
+
+
+def test_helpful_demonstrations_show_no_harmful_request_or_chain_text():
+    chain_text = {t for ex in EXAMPLES for t in (ex.prompt, ex.initial, ex.revision)}
+    prompt = helpful_prompt("q", len(HELPFUL_EXAMPLES))
+    assert not any(t in prompt for t in chain_text)
+    assert "Critique" not in prompt and "Revision" not in prompt
+
+
 def test_examples_contain_no_markers_that_would_stop_generation():
     for ex in EXAMPLES:
         for text in (ex.prompt, ex.initial, ex.critique, ex.revision):
             assert clean(text) == text.strip()
             assert not any(stop in text for stop in STOP)
+    for ex in HELPFUL_EXAMPLES:
+        for text in (ex.prompt, ex.reply):
+            assert clean(text) == text.strip() and not any(stop in text for stop in STOP)
 
 
 # --- stops and clean -----------------------------------------------------------------------------
 
 def test_stops_cover_next_markers():
-    for step in ("initial", "critique", "revision"):
+    for step in ("initial", "critique", "revision", "helpful"):
         stops = stops_for(step)
         assert {"\n\nHuman:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:", SEP} <= set(stops)
     assert "\n\nRevisionRequest:" in stops_for("critique") and "\n\nHuman:" in stops_for("revision")
@@ -231,3 +253,41 @@ def test_sft_row_shares_the_pair_prompt_and_generation_prompt():
 def test_bad_chain_rows_name_row_and_field(row, message):
     with pytest.raises(ValueError, match=message):
         build_pair(row)
+
+
+def test_helpful_row_uses_the_reply():
+    row = {"id": "h1", "prompt": "How do I boil an egg?", "purpose": "helpful", "final": "Simmer it. "}
+    assert helpful_row(row) == {"id": "h1", "prompt": "\n\nHuman: How do I boil an egg?\n\nAssistant:",
+                                "completion": " Simmer it."}
+
+
+# --- screening: what a chain row may become ------------------------------------------------------
+
+def _chain(initial="stop", rounds=(("stop", "stop"),), flags=(), error=None, purpose="harm"):
+    return {"id": "x", "purpose": purpose, "initial_finish": initial, "flags": list(flags), "error": error,
+            "rounds": [{"critique_finish": c, "revision_finish": r} for c, r in rounds]}
+
+
+@pytest.mark.parametrize("row, reasons, step, keep, pair", [
+    (_chain(), (), None, True, True),
+    # A cut critique or earlier revision is never trained on: the row is used in full.
+    (_chain(rounds=(("length", "length"), ("length", "stop"))), (), None, True, True),
+    # A cut final revision is never a target; a cut initial reply never a rejected side.
+    (_chain(rounds=(("stop", "length"),)), ("truncated",), "revision 1", False, False),
+    (_chain(initial="length"), ("truncated_initial",), "initial", True, False),
+    (_chain(initial="length", rounds=(("stop", "length"),)), ("truncated", "truncated_initial"), "revision 1",
+     False, False),
+    # Empty steps end the row wherever they happen.
+    (_chain(initial="empty", rounds=()), ("empty",), "initial", False, False),
+    (_chain(rounds=(("stop", "stop"), ("empty", None))), ("empty",), "critique 2", False, False),
+    (_chain(rounds=(("stop", "empty"),)), ("empty",), "revision 1", False, False),
+    (_chain(flags=("role_leak", "unrevised")), ("role_leak", "unrevised"), None, False, False),
+    (_chain(error="critique (round 1): boom", rounds=(("error", None),)), ("error",), None, False, False),
+    # Helpful rows: one reply, kept when it is complete and clean; never a pair.
+    (_chain(purpose="helpful", rounds=()), (), None, True, False),
+    (_chain(purpose="helpful", initial="length", rounds=()), ("truncated",), "helpful", False, False),
+    (_chain(purpose="helpful", initial="empty", rounds=()), ("empty",), "helpful", False, False),
+])
+def test_screen(row, reasons, step, keep, pair):
+    verdict = screen(row)
+    assert (verdict.reasons, verdict.step, verdict.keep, verdict.pair) == (reasons, step, keep, pair)

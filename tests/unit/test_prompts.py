@@ -73,7 +73,7 @@ def test_jsonl_rows_keep_extra_columns_and_rename_clashes(tmp_path):
     rows = load(write_jsonl(tmp_path / "qs.jsonl", ROWS))
     assert [r["prompt"] for r in rows] == [r["prompt"] for r in ROWS]
     assert rows[1] == {"id": prompt_id("Name a prime number.", "qs"), "prompt": "Name a prime number.",
-                       "source": "qs", "formatted": False, "topic": "maths", "orig_id": "q2"}
+                       "source": "qs", "formatted": False, "purpose": "harm", "topic": "maths", "orig_id": "q2"}
 
 
 def test_other_prompt_column(tmp_path):
@@ -156,12 +156,102 @@ def test_hh_layout_through_the_loader(tmp_path):
     stats = {}
     first = load_prompts(DataConfig(source=str(path), layout="hh-rlhf"), stats=stats)
     assert [r["prompt"] for r in first] == ["What is a good name for a goat?"]
-    assert set(first[0]) == {"id", "prompt", "source", "formatted"} and not first[0]["formatted"]
+    assert set(first[0]) == {"id", "prompt", "source", "formatted", "purpose"} and not first[0]["formatted"]
     assert (stats["malformed"], stats["duplicates"], stats["returned"]) == (1, 1, 1)
     prefix = load(path, layout="hh-rlhf", hh_mode="prefix")
     assert [r["formatted"] for r in prefix] == [True, True]
     assert prefix[1]["prompt"] == "\n\nHuman: What is a good name for a goat?\n\nAssistant:"
     assert len(load(path, layout="hh-rlhf", field="rejected")) == 1
+
+
+# ---------------------------------------------------------------- purpose
+
+
+def _conv(text):
+    return f"\n\nHuman: {text}\n\nAssistant: A reply."
+
+
+def hh_folder(root, sizes, extra_subsets=()):
+    """A folder laid out like Anthropic/hh-rlhf: subset/{train,test}.jsonl.gz with chosen/rejected."""
+    for subset, n in sizes.items():
+        for split in ("train", "test"):
+            (root / subset).mkdir(parents=True, exist_ok=True)
+            with gzip.open(root / subset / f"{split}.jsonl.gz", "wt", encoding="utf-8") as fh:
+                for i in range(n):
+                    fh.write(json.dumps({"chosen": _conv(f"{subset} {split} request {i}"),
+                                         "rejected": _conv(f"{subset} {split} request {i}") + " no"}) + "\n")
+    for name in extra_subsets:  # e.g. red-team-attempts: another schema, never read
+        (root / name).mkdir(parents=True)
+        with gzip.open(root / name / "red_team_attempts.jsonl.gz", "wt") as fh:
+            fh.write(json.dumps({"transcript": "\n\nHuman: x", "rating": 1}) + "\n")
+    return root
+
+
+HH_SIZES = {"harmless-base": 3, "helpful-base": 2, "helpful-online": 2, "helpful-rejection-sampled": 1}
+
+
+def test_hh_subsets_route_by_purpose(tmp_path):
+    root = hh_folder(tmp_path / "hh-rlhf", HH_SIZES, extra_subsets=["red-team-attempts"])
+    stats = {}
+    rows = load_prompts(DataConfig(source=str(root), layout="hh-rlhf"), stats=stats)
+    assert [(r["prompt"].rsplit(" request", 1)[0], r["purpose"]) for r in rows] == [
+        ("harmless-base train", "harm")] * 3 + [("helpful-base train", "helpful")] * 2 + [
+        ("helpful-online train", "helpful")] * 2 + [("helpful-rejection-sampled train", "helpful")]
+    assert stats["purpose"] == {"harm": 3, "helpful": 5} and stats["read"] == 8
+    assert {r["source"] for r in rows} == {"hh-rlhf"}
+    test = load_prompts(DataConfig(source=str(root), layout="hh-rlhf", split="test", subsets=["helpful-base"]))
+    assert [r["purpose"] for r in test] == ["helpful", "helpful"] and "test" in test[0]["prompt"]
+
+
+def test_hh_subsets_on_the_hub_are_read_with_data_dir(tmp_path, monkeypatch):
+    """The hub route, on a local folder: load_dataset(path, data_dir=subset) as for Anthropic/hh-rlhf."""
+    datasets = pytest.importorskip("datasets")
+    from cai_ray.data.prompts import _subset_parts
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    root = hh_folder(tmp_path / "hh", {"harmless-base": 2, "helpful-online": 1})
+    data = DataConfig(source=str(root), layout="hh-rlhf", subsets=["harmless-base", "helpful-online"])
+    parts = _subset_parts(data, str(root), None)
+    assert [(name.rsplit("/", 1)[-1], cols.num_rows, set(cols.column("purpose").to_pylist()))
+            for name, cols, _ in parts] == [("harmless-base", 2, {"harm"}), ("helpful-online", 1, {"helpful"})]
+
+
+def test_missing_subset_folder_is_named(tmp_path):
+    root = hh_folder(tmp_path / "hh", {"harmless-base": 1, "helpful-base": 1})
+    msg = error_of(root, layout="hh-rlhf")
+    assert msg.startswith(f"data.subsets: {root} has no subset folder 'helpful-online' (found: harmless-base, "
+                          f"helpful-base)")
+    assert len(load(root, layout="hh-rlhf", subsets=["harmless-base", "helpful-base"])) == 2
+    # Without subsets the folder is one dataset: purposes from the default.
+    assert {r["purpose"] for r in load(root, layout="hh-rlhf", subsets=[], purpose="helpful")} == {"helpful"}
+
+
+def test_purpose_column_default_and_bad_value(tmp_path):
+    rows = [{"prompt": "a", "purpose": "helpful"}, {"prompt": "b", "purpose": None}, {"prompt": "c"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    assert [r["purpose"] for r in load(path)] == ["helpful", "harm", "harm"]
+    assert [r["purpose"] for r in load(path, purpose="helpful")] == ["helpful"] * 3
+    assert "purpose" not in {k for r in load(path) for k in r if k.startswith("orig_")}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a"}, {"prompt": "b", "purpose": "harmful"}])
+    assert error_of(bad) == f"{bad}: line 2: column 'purpose' is 'harmful'; use harm or helpful"
+
+
+def test_shipped_mix_interleaves_purposes():
+    rows = shipped("cai_mix")
+    assert [r["purpose"] for r in rows] == ["harm", "helpful"] * 32
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.purpose=harmful", "data.purpose='harmful' is not allowed; use one of harm, helpful"),
+    ("data.subsets=[harmless-base,red-team-attempts]",
+     "data.subsets[1]='red-team-attempts' has no purpose: only harmless-* (harm) and helpful-* (helpful)"),
+])
+def test_purpose_config_errors_are_one_line(override, message):
+    from cai_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.path=x", override])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------- dedupe and limit
@@ -236,15 +326,15 @@ def test_unsupported_file_and_unknown_sample(tmp_path):
 
 # ---------------------------------------------------------------- shipped sets
 
-EXPECTED = {"red_team": ({"category"}, 80), "helpful": ({"category"}, 60),
+EXPECTED = {"red_team": ({"category"}, 80), "cai_mix": ({"category"}, 64), "helpful": ({"category"}, 60),
             "helpful_sft": ({"category", "completion"}, 40), "red_team_eval": ({"category", "kind"}, 40),
             "jailbreak_eval": ({"category", "template", "base_prompt", "kind"}, 200),
             "benign_eval": ({"category", "kind"}, 40), "borderline_eval": ({"category", "kind"}, 30),
-            "style_eval": ({"style", "kind"}, 39)}
+            "style_eval": ({"style", "kind"}, 39), "capability_eval": ({"category", "reference", "kind"}, 24)}
 STYLES = ["technical_precise", "noir_detective", "formal_academic", "poetic_literary", "shakespeare_archaic",
           "socratic_questioning", "casual_conversational", "grumpy_old_person", "french_phrases",
           "storytelling_narrative", "enthusiastic_excited", "minimalist_terse", "overexcited_child"]
-TRAIN_SETS = ("red_team", "helpful", "helpful_sft")
+TRAIN_SETS = ("red_team", "helpful", "helpful_sft", "cai_mix")
 
 
 def shipped(name):
@@ -256,7 +346,7 @@ def test_shipped_set_loads_with_its_fields(name):
     extra, count = EXPECTED[name]
     rows = shipped(name)
     assert len(rows) == count
-    assert all(set(r) == {"id", "prompt", "source", "formatted"} | extra for r in rows)
+    assert all(set(r) == {"id", "prompt", "source", "formatted", "purpose"} | extra for r in rows)
     assert all(r["source"] == f"samples:{name}" and r["prompt"].strip() for r in rows)
     assert len({r["id"] for r in rows}) == count, "prompts within a set must be distinct"
 

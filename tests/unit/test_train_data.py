@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cai_ray.config import load_config
-from cai_ray.train.data import (IGNORE_INDEX, Schedule, as_text, collate, fingerprint, read_dpo, read_rows,
-                                read_sft, tokenize, total_steps)
+from cai_ray.train.data import (IGNORE_INDEX, Schedule, as_text, collate, fingerprint, mix_counts, read_dpo,
+                                read_rows, read_sft, sft_reads_generate, sft_sources, tokenize, total_steps)
 
 PROMPT = "\n\nHuman: how do I boil an egg?\n\nAssistant:"
 
@@ -47,8 +47,87 @@ def test_formatted_rows_are_concatenated_untouched():
 
 
 def test_generate_output_is_the_default_and_missing_output_says_what_to_run(tmp_path):
-    with pytest.raises(ValueError, match=r"sft.data is unset .* run `cai-ray generate`"):
+    with pytest.raises(ValueError, match=r"sft.revisions is unset .* no sft.parquet .* run `cai-ray generate`"):
         read_sft(_cfg(tmp_path))
+    with pytest.raises(ValueError, match=r"sft.helpful is unset .* no helpful.parquet"):
+        read_sft(_cfg(tmp_path, "sft.helpful_ratio=1"))
+
+
+# ---------------------------------------------------------------- the SL-CAI mix
+
+
+@pytest.mark.parametrize("revisions, helpful, ratio, expected", [
+    (100, 100, 0.5, (100, 100)),
+    (30, 100, 0.5, (30, 30)),      # the larger source is subsampled, nothing repeats
+    (30, 100, 0.25, (30, 10)),
+    (30, 5, 0.25, (15, 5)),
+    (7, 3, 0.3, (7, 3)),
+    (10, 10, 0.0, (10, 0)),
+    (10, 10, 1.0, (0, 10)),
+    (3, 100, 0.9, (3, 27)),
+])
+def test_mix_counts_worked_numbers(revisions, helpful, ratio, expected):
+    assert mix_counts(revisions, helpful, ratio) == expected
+
+
+def _sft_files(tmp_path, n_rev, n_help):
+    rev = _jsonl(tmp_path / "rev.jsonl", [{"prompt": f"{PROMPT} r{i}", "completion": f" revised {i}"}
+                                          for i in range(n_rev)])
+    helpful = _jsonl(tmp_path / "help.jsonl", [{"prompt": f"help me {i}", "completion": f"sure {i}"}
+                                               for i in range(n_help)])
+    return f"sft.revisions={rev}", f"sft.helpful={helpful}"
+
+
+def test_mix_is_seeded_counted_and_in_file_order(tmp_path):
+    files = _sft_files(tmp_path, 20, 60)
+    mix = {}
+    rows = read_sft(_cfg(tmp_path, *files, "sft.helpful_ratio=0.6"), mix)
+    assert len(rows) == 50 and sum(r["completion"].startswith(" revised") for r in rows) == 20
+    assert mix["rows"] == 50 and mix["helpful_share"] == 0.6 and mix["helpful_ratio"] == 0.6
+    assert mix["sources"]["sft.revisions"]["available"] == 20 and mix["sources"]["sft.revisions"]["used"] == 20
+    assert mix["sources"]["sft.helpful"] == {"source": files[1].split("=", 1)[1], "available": 60, "used": 30}
+    picked = [int(r["completion"].split()[-1]) for r in rows[20:]]
+    assert picked == sorted(picked)
+    assert read_sft(_cfg(tmp_path, *files, "sft.helpful_ratio=0.6")) == rows
+    other_seed = read_sft(_cfg(tmp_path, *files, "sft.helpful_ratio=0.6", "seed=1"))
+    assert other_seed != rows and len(other_seed) == 50
+
+
+def test_ratio_zero_or_one_reads_only_one_source(tmp_path):
+    mix = {}
+    rows = read_sft(_cfg(tmp_path, "sft.helpful=samples:helpful_sft", "sft.helpful_ratio=1"), mix)
+    assert len(rows) == 40 and list(mix["sources"]) == ["sft.helpful"] and mix["helpful_share"] == 1.0
+    cfg = _cfg(tmp_path, "sft.helpful_ratio=1", "sft.helpful=samples:helpful_sft")
+    assert not sft_reads_generate(cfg) and sft_sources(cfg) == {"sft.helpful": "samples:helpful_sft"}
+    rev = _sft_files(tmp_path, 4, 1)[0]
+    assert len(read_sft(_cfg(tmp_path, rev, "sft.helpful_ratio=0"))) == 4
+    assert sft_reads_generate(_cfg(tmp_path, rev)) and not sft_reads_generate(_cfg(tmp_path, rev, "sft.helpful_ratio=0"))
+    assert not sft_reads_generate(_cfg(tmp_path, "sft.data=samples:helpful_sft"))
+
+
+def test_the_mix_keys_the_sft_folder(tmp_path):
+    from cai_ray.train.driver import output_dir
+
+    files = _sft_files(tmp_path, 4, 4)
+    half, most = (output_dir(_cfg(tmp_path, *files, f"sft.helpful_ratio={r}"), "sft") for r in (0.5, 0.8))
+    assert half != most
+    # Generated sources put the generate stage's hash into the SFT folder's key.
+    mine = output_dir(_cfg(tmp_path, files[1]), "sft")
+    theirs = output_dir(_cfg(tmp_path, files[1], "generate.rounds=3"), "sft")
+    assert mine != theirs
+
+
+@pytest.mark.parametrize("override, message", [
+    (["sft.helpful_ratio=1.5"], "sft.helpful_ratio=1.5 must lie in [0, 1]"),
+    (["sft.helpful_ratio=-0.1"], "sft.helpful_ratio=-0.1 must lie in [0, 1]"),
+    (["sft.data=samples:helpful_sft", "sft.helpful=x.jsonl"], "sft.data replaces the SL-CAI mix"),
+])
+def test_bad_mix_config_is_one_line(tmp_path, override, message):
+    from cai_ray.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, *override)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("content, message", [
