@@ -72,7 +72,7 @@ def _run_name(cfg: Config, kind: str, out: Path) -> tuple[str, str]:
         latest = latest_state(recorded["storage_path"], recorded["name"])
         error = latest and world_size_mismatch(latest, cfg.train.workers)
         if error:
-            raise ValueError(f"{kind}: {error}")
+            raise ValueError(f"{kind}: {error}, or remove {state} to start over")
         return recorded["name"], recorded["storage_path"]
     name = f"{kind}-{out.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     write_atomic(state, json.dumps({"name": name, "storage_path": str(cfg.storage_path)}) + "\n")

@@ -174,7 +174,7 @@ def world_size_mismatch(state: dict, world: int) -> Optional[str]:
         return None
     return (f"train.workers={world}: the checkpoint to resume (step {state['step']}) was written by "
             f"{saved} workers, and its ZeRO shards cannot be loaded on another world size; resume with "
-            f"train.workers={saved} (same global batch), or set train.resume=false to start over")
+            f"train.workers={saved} (same global batch)")
 
 
 def latest_state(storage: str, run: str) -> Optional[dict]:

@@ -53,7 +53,7 @@ class _TokenLogps(torch.autograd.Function):
     Forward and backward walk the positions in chunks.  Only the logits
     themselves (no copy) and a float32 logsumexp per position are kept for
     backward, which recomputes each chunk's softmax; so beyond the logits and
-    their gradient, at most one float32 [chunk, vocab] block exists at a time.
+    their gradient, only a few float32 [chunk, vocab] temporaries exist at a time.
     The gradient has the full logits' shape (zero at the last position, which
     scores nothing), so no slice of it is copied into another full-size tensor.
     """

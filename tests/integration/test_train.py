@@ -288,6 +288,7 @@ def test_resume_on_another_world_size_stops_with_one_line_naming_both(full_dpo):
     assert output_dir(full_dpo["one_worker"], "dpo") == Path(full_dpo["summary"]["output"])
     assert len(error.splitlines()) == 1
     assert "train.workers=1" in error and "step 4" in error and "written by 2 workers" in error
+    assert "ray_run.json to start over" in error
     # The stopped attempt changed nothing: the resume on 2 workers continued from step 4.
     assert _manifest(full_dpo["summary"])["resumed_from_step"] == 4
 
