@@ -235,7 +235,15 @@ class TrainConfig:
     max_failures: int = 1
     # A fresh run never picks up an older checkpoint unless this is true.
     resume: bool = False
+    # Recompute each decoder layer's activations in backward instead of keeping them:
+    # less memory, about one more forward pass of time, the same numbers.
+    gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    @property
+    def global_batch(self) -> int:
+        """Examples per optimizer step over all workers."""
+        return self.batch_size * self.grad_accum * self.workers
 
     def validate(self, key: str = "train") -> None:
         _positive(f"{key}.workers", self.workers)
@@ -621,9 +629,11 @@ STAGE_SECTIONS = {
 RESOURCE_KEYS = {
     "engine": ("batch_size", "tensor_parallel_size", "gpu_memory_utilization", "cpu_kv_cache_gib"),
     "generate": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size"),
-    # ZeRO only shards the same computation; precision, in contrast, changes the numbers.
+    # ZeRO and gradient checkpointing change memory, not numbers; precision changes the numbers.
+    # How the global batch is split (per-worker batch x accumulation x workers) is a resource
+    # too: the hash keeps the product, and every split gives each step the same examples.
     "train": ("workers", "use_gpu", "cpus_per_worker", "max_failures", "resume", "log_every",
-              "checkpoint_every", "zero_stage"),
+              "checkpoint_every", "zero_stage", "gradient_checkpointing", "batch_size", "grad_accum"),
     "judge": ("replicas", "num_cpus", "num_gpus", "host", "port", "max_ongoing_requests",
               "max_queued_requests"),
 }
@@ -640,6 +650,8 @@ def stage_hash(cfg: Config, stage: str, upstream: tuple[str, ...] = ()) -> str:
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in RESOURCE_KEYS.get(name, ())}
         picked[name] = value
+    if "train" in picked:
+        picked["global_batch"] = cfg.train.global_batch
     picked["upstream"] = list(upstream)
     blob = json.dumps(picked, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

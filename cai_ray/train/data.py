@@ -255,6 +255,13 @@ class TrainSet:
     def __len__(self) -> int:
         return len(self.seqs[0])
 
+    def label_tokens(self, indices: np.ndarray) -> int:
+        """Tokens the loss scores in these examples (first sequence): all after the prompt,
+        and never position 0, which no logit predicts."""
+        seqs = self.seqs[0]
+        lengths = seqs.offsets[indices + 1] - seqs.offsets[indices]
+        return int((lengths - np.maximum(seqs.split[indices], 1)).sum())
+
 
 def _split_point(prompt_ids: list[int], fulls: list[list[int]]) -> int:
     n = 0
@@ -336,10 +343,18 @@ class Schedule:
             self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
         return self._perms[epoch]
 
+    def _examples(self, start: int, count: int) -> np.ndarray:
+        return np.array([self._perm(p // self.n)[p % self.n] for p in range(start, start + count)],
+                        dtype=np.int64)
+
     def micro_batch(self, step: int, micro: int, rank: int) -> np.ndarray:
-        start = ((step * self.grad_accum + micro) * self.world + rank) * self.batch_size
-        positions = range(start, start + self.batch_size)
-        return np.array([self._perm(p // self.n)[p % self.n] for p in positions], dtype=np.int64)
+        return self._examples(((step * self.grad_accum + micro) * self.world + rank) * self.batch_size,
+                              self.batch_size)
+
+    def global_batch(self, step: int) -> np.ndarray:
+        """Every example of step ``step``, over all ranks and micro-batches."""
+        size = self.batch_size * self.grad_accum * self.world
+        return self._examples(step * size, size)
 
 
 def _pad(rows: list[np.ndarray], splits: list[int], pad_id: int) -> dict[str, Any]:

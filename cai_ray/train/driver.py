@@ -66,7 +66,14 @@ def _run_name(cfg: Config, kind: str, out: Path) -> tuple[str, str]:
     """(Ray Train run name, storage path): the recorded pair when resuming, else a new name."""
     state = out / RUN_STATE
     if cfg.train.resume and state.is_file():
+        from cai_ray.train.loops import latest_state, world_size_mismatch
+
         recorded = json.loads(state.read_text())
+        # Checked before any worker starts: the folder fixes the global batch, not its split.
+        latest = latest_state(recorded["storage_path"], recorded["name"])
+        error = latest and world_size_mismatch(latest, cfg.train.workers)
+        if error:
+            raise ValueError(f"{kind}: {error}, or remove {state} to start over")
         return recorded["name"], recorded["storage_path"]
     name = f"{kind}-{out.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     write_atomic(state, json.dumps({"name": name, "storage_path": str(cfg.storage_path)}) + "\n")
