@@ -292,7 +292,10 @@ class LabelConfig:
     num_gpus_per_actor: float = 0.0
     batch_size: int = 16
     max_error_rate: float = 0.05
-    # Extra (prompt, chosen, rejected) jsonl files for `label --check`, beside the shipped set.
+    # Score the check pairs first (a child run), so every set of labels comes with the
+    # feedback model's measured accuracy; `label --check` runs only that.
+    check: bool = True
+    # Extra (prompt, chosen, rejected) jsonl files for the check, beside the shipped set.
     check_data: list[str] = field(default_factory=list)
 
     def validate(self, key: str = "label") -> None:
@@ -584,8 +587,8 @@ RESOURCE_KEYS = {
               "checkpoint_every", "zero_stage"),
     "judge": ("replicas", "num_cpus", "num_gpus", "host", "port", "max_ongoing_requests",
               "max_queued_requests"),
-    # check_data feeds `label --check` only, never the labels.
-    "label": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size", "check_data"),
+    # The check measures the feedback model; it never changes the labels.
+    "label": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size", "check", "check_data"),
 }
 
 

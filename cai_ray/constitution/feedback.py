@@ -22,6 +22,7 @@ from typing import Optional
 from cai_ray.constitution.chain import row_seed
 from cai_ray.constitution.format import ASSISTANT, SEPARATOR, STOP, clean, conversation_prompt
 from cai_ray.constitution.principles import Comparison, Constitution, draw_comparison
+from cai_ray.stats import wilson
 
 INTRO = "Consider the following conversation between a human and an assistant:"
 ANSWER = "The answer is:"
@@ -183,6 +184,22 @@ def expected_calibration_error(p_correct: Sequence[float], bins: int = 10) -> fl
         acc[1] += float(p > 0.5)
         acc[2] += conf
     return sum(abs(hits - conf) for _, hits, conf in sums.values()) / len(values)
+
+
+def check_summary(p_correct: Sequence[float]) -> dict:
+    """Accuracy with its Wilson 95% interval, ECE and a verdict, for pairs whose better reply is known.
+
+    A tie (p = 0.5) counts as wrong; NaN (unscored) rows are left out, and the caller reports
+    how many.  The model is above chance only when the whole interval lies above 0.5.
+    """
+    values = [p for p in p_correct if not math.isnan(p)]
+    accuracy, lo, hi = wilson(sum(p > 0.5 for p in values), len(values))
+    above = bool(values) and lo > 0.5
+    verdict = (f"accuracy {accuracy:.3f} [{lo:.3f}, {hi:.3f}] over {len(values)} pairs is "
+               + ("above chance" if above else "NOT above chance (its 95% interval reaches 0.5): do not "
+                  "trust this feedback model's labels"))
+    return {"scored": len(values), "accuracy": accuracy, "accuracy_lo": lo, "accuracy_hi": hi,
+            "ece": expected_calibration_error(values), "above_chance": above, "verdict": verdict}
 
 
 # ---------------------------------------------------------------- engines

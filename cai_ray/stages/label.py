@@ -21,13 +21,12 @@ import pyarrow.parquet as pq
 from cai_ray.config import Config, DataConfig, ModelConfig, to_yaml
 from cai_ray.constitution import load_constitution, spaced
 from cai_ray.constitution.feedback import (
-    decide, expected_calibration_error, feedback_examples, p_first, position_bias, same_text, sample_two,
-    score_orders,
+    check_summary, decide, feedback_examples, p_first, position_bias, same_text, sample_two, score_orders,
 )
 from cai_ray.constitution.format import conversation_prompt
 from cai_ray.data.heldout import TrainIndex, format_overlaps
 from cai_ray.data.prompts import load_prompts, prompt_id
-from cai_ray.tracking import Store, write_atomic
+from cai_ray.tracking import Store, stage_run, write_atomic
 from cai_ray.train.data import label_dir, read_rows
 from cai_ray.train.driver import output_dir
 from cai_ray.train.lora import is_adapter
@@ -269,9 +268,15 @@ def run(cfg: Config, store: Store, check: bool = False) -> dict:
     constitution = _constitution(cfg)
     models = _models(cfg, check=False)
     rows, data_stats = _harm_prompts(cfg)
+    check_rows = _check_rows(cfg) if cfg.label.check else []
     out = label_dir(cfg)
     if (out / "manifest.json").exists():
         return json.loads((out / "manifest.json").read_text())
+    measured = None
+    if check_rows:
+        with stage_run(store, f"{cfg.name}-label-check", {"stage": "label-check"}) as child:
+            measured = run_check(cfg, child, check_rows)
+        store.set_tags({"check_verdict": measured["verdict"]})
     parts = out / "rows"
     parts.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", to_yaml(cfg))
@@ -286,7 +291,7 @@ def run(cfg: Config, store: Store, check: bool = False) -> dict:
     summary.update(stage="label", output=str(out), config_hash=out.name, data=data_stats,
                    constitution_hash=constitution.hash, policy=_describe(models[0]),
                    feedback=_describe(models[1]), mlflow_run_id=store.run_id, resumed_rows=len(done),
-                   labelled_rows=stats["rows"], seconds=round(stats["seconds"], 2))
+                   labelled_rows=stats["rows"], seconds=round(stats["seconds"], 2), check=measured)
     _report(store, out, summary)
     if summary["error_rate"] > cfg.label.max_error_rate:
         raise RuntimeError(f"label: {summary['dropped']['errors']} of {summary['rows']} rows failed (error rate "
@@ -329,46 +334,31 @@ def _check_rows(cfg: Config) -> list[dict]:
     return rows
 
 
-def run_check(cfg: Config, store: Store) -> dict:
+def run_check(cfg: Config, store: Store, rows: Optional[list[dict]] = None) -> dict:
     """Accuracy (Wilson 95% interval) and ECE of the feedback model on pairs whose answer is known."""
-    from cai_ray.stats import wilson
-
     _constitution(cfg)
     models = _models(cfg, check=True)
-    rows = _check_rows(cfg)
+    rows = [dict(r) for r in (rows or _check_rows(cfg))]
     sets = {r["id"]: r.pop("set") for r in rows}
     scored: list[dict] = []
     _stream(cfg, rows, models, store, lambda t: scored.extend(t.to_pylist()))
     ok = [r for r in scored if not r["error"]]
-    # P(the truly better reply wins), averaged over both orders; a tie counts as wrong.
+    # Response 1 is the truly better reply: P(it wins), averaged over both orders.
     p = {r["id"]: p_first(r["p_a_order1"], r["p_a_order2"]) for r in ok}
-    accuracy, lo, hi = wilson(sum(x > 0.5 for x in p.values()), len(p))
-    above = bool(p) and lo > 0.5
-    verdict = (f"accuracy {accuracy:.3f} [{lo:.3f}, {hi:.3f}] over {len(p)} pairs is "
-               + ("above chance" if above else "NOT above chance (its 95% interval reaches 0.5): do not "
-                  "trust this feedback model's labels"))
-    per_set = {}
-    for name in dict.fromkeys(sets.values()):
-        mine = [x for i, x in p.items() if sets[i] == name]
-        per_set[name] = {"pairs": sum(v == name for v in sets.values()), "scored": len(mine),
-                         "accuracy": sum(x > 0.5 for x in mine) / len(mine) if mine else None}
     report = {"stage": "label-check", "feedback": _describe(models[1]), "pairs": len(rows),
-              "scored": len(p), "errors": len(scored) - len(ok), "accuracy": accuracy,
-              "accuracy_lo": lo, "accuracy_hi": hi, "ece": expected_calibration_error(list(p.values())),
-              "above_chance": above, "verdict": verdict, "per_set": per_set,
+              "errors": len(scored) - len(ok), **check_summary(list(p.values())),
               # What "the longer reply is better" would score: a feedback model should beat it.
               "longer_wins": sum(len(r["response_1"]) > len(r["response_2"]) for r in ok) / len(ok) if ok else None,
+              "per_set": {name: check_summary([x for i, x in p.items() if sets[i] == name])["accuracy"]
+                          for name in dict.fromkeys(sets.values())},
               "position": position_bias([r["p_a_order1"] for r in ok], [r["p_a_order2"] for r in ok])}
     out = label_dir(cfg) / "check"
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "report.json", json.dumps(report, indent=2))
-    store.set_tags({"stage": "label-check", "feedback_model": report["feedback"], "verdict": verdict,
-                    "above_chance": str(above).lower()})
-    store.log_metrics({"check/accuracy": accuracy, "check/accuracy_lo": lo, "check/accuracy_hi": hi,
-                       "check/ece": report["ece"], "check/above_chance": float(above), "check/scored": len(p),
-                       "check/errors": report["errors"], "check/longer_wins": report["longer_wins"],
+    store.set_tags({"stage": "label-check", "feedback_model": report["feedback"], "verdict": report["verdict"],
+                    "above_chance": str(report["above_chance"]).lower()})
+    names = ("scored", "errors", "accuracy", "accuracy_lo", "accuracy_hi", "ece", "longer_wins")
+    store.log_metrics({**{f"check/{k}": report[k] for k in names}, "check/above_chance": float(report["above_chance"]),
                        **{f"check/{k}": v for k, v in report["position"].items()}})
     store.log_artifact(out / "report.json", "label-check")
-    return {"output": str(out), **{k: report[k] for k in ("pairs", "scored", "errors", "accuracy", "accuracy_lo",
-                                                          "accuracy_hi", "ece", "longer_wins", "above_chance",
-                                                          "verdict")}}
+    return {"output": str(out), "pairs": len(rows), **{k: report[k] for k in (*names, "above_chance", "verdict")}}
