@@ -29,7 +29,6 @@ from cai_ray.data.prompts import load_prompts, prompt_id
 from cai_ray.tracking import Store, stage_run, write_atomic
 from cai_ray.train.data import label_dir, read_rows
 from cai_ray.train.driver import output_dir
-from cai_ray.train.lora import is_adapter
 
 S, F = pa.string(), pa.float64()
 ROW_SCHEMA = pa.schema([
@@ -103,7 +102,7 @@ class LabelActor:
 def _folder_model(cfg: Config, folder: str, key: str) -> Model:
     """A PEFT adapter on model.path, or a full model folder (e.g. full fine-tuning)."""
     path = Path(folder).expanduser().resolve()
-    if is_adapter(path):
+    if (path / "adapter_config.json").is_file():
         return cfg.model, str(path)
     if (path / "config.json").is_file():
         return ModelConfig(path=str(path), dtype=cfg.model.dtype,
