@@ -162,7 +162,9 @@ def _harm_prompts(cfg: Config) -> tuple[list[dict], dict]:
                          f"'harm'; the label stage compares replies to harm prompts only")
     # The pairs train DPO: evaluation prompts must not be among them.
     index = TrainIndex([(r["id"], r["prompt"]) for r in harm])
-    for source in dict.fromkeys([*cfg.evaluate.sets, *cfg.generate.heldout_sets]):
+    # An eval set is its source string, or a section with a ``source`` (both forms exist).
+    sets = [getattr(entry, "source", entry) for entry in cfg.evaluate.sets]
+    for source in dict.fromkeys([*sets, *cfg.generate.heldout_sets]):
         eval_rows = load_prompts(DataConfig(source=source, dedupe=False))
         overlaps = index.overlaps([(r["id"], r["prompt"]) for r in eval_rows], cfg.evaluate.overlap_threshold)
         if overlaps:
@@ -258,6 +260,14 @@ def _finalize(cfg: Config, out: Path, rows: list[dict]) -> dict:
             "error_rate": dropped["errors"] / max(len(rows), 1),
             "label_mean": sum(labels) / len(labels) if labels else None,
             "position": position_bias([r["p_a_order1"] for r in scored], [r["p_a_order2"] for r in scored])}
+
+
+def check(cfg: Config) -> None:
+    """Input checks cheap enough to run before any MLflow run or output exists, valid for
+    both `label` and `label --check`: the constitution, k, the feedback model, the check pairs."""
+    _constitution(cfg)
+    _models(cfg, check=True)
+    _check_rows(cfg)
 
 
 def run(cfg: Config, store: Store, check: bool = False) -> dict:

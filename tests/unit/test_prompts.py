@@ -246,7 +246,7 @@ STYLES = ["technical_precise", "noir_detective", "formal_academic", "poetic_lite
           "storytelling_narrative", "enthusiastic_excited", "minimalist_terse", "overexcited_child"]
 TRAIN_SETS = ("red_team", "helpful", "helpful_sft")
 # `label --check`'s pairs (chosen clearly better than rejected); never trained on.
-EXPECTED["feedback_check"] = ({"chosen", "rejected", "kind"}, 32)
+EXPECTED["feedback_check"] = ({"chosen", "rejected", "category"}, 32)
 
 
 def shipped(name):
