@@ -121,7 +121,7 @@ def test_rerun_resumes_from_the_parts_already_written(labelled):
     lost = pq.read_metadata(parts[-1]).num_rows
     parts[-1].unlink()
     (out / "manifest.json").unlink()
-    done = cai("label", *labelled["args"], "label.check=false", "label.actors=2")
+    done = cai("label", *labelled["args"], "label.check=false")
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["resumed_rows"], manifest["labelled_rows"]) == (12 - lost, lost)
