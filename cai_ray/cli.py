@@ -25,6 +25,8 @@ STAGES: dict[str, tuple[str, str]] = {
                  "held-out evaluation of every arm: ASR, over-refusal, helpfulness, style with intervals"),
     "estimate": ("cai_ray.stages.estimate",
                  "tokens, device-hours and cost of each stage at the configured scale"),
+    "label": ("cai_ray.stages.label",
+              "preference labels from AI feedback (RL-CAI): two SL-CAI samples, base-model comparison"),
     "serve-judge": ("cai_ray.stages.serve_judge",
                     "run the judge on Ray Serve (HTTP on judge.host:judge.port) until Ctrl-C"),
 }
@@ -65,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, (_, text) in {**STAGES, **PIPELINES}.items():
         _config_args(sub.add_parser(name, help=text, description=text, epilog=EPILOGS.get(name),
                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    sub.choices["label"].add_argument(
+        "--check", action="store_true",
+        help="score the shipped check pairs (and label.check_data): feedback-model accuracy and calibration")
     for name, (_, text) in TOOLS.items():
         # Listed for --help only; main() hands their arguments over untouched.
         sub.add_parser(name, help=text, description=text)
@@ -81,8 +86,8 @@ def _call(target: str, *args):
     return getattr(importlib.import_module(module), func)(*args)
 
 
-def run_command(name: str, cfg) -> dict:
-    """Run a stage or a pipeline under one top-level MLflow run."""
+def run_command(name: str, cfg, **options) -> dict:
+    """Run a stage or a pipeline under one top-level MLflow run; ``options`` are a stage's flags."""
     from cai_ray.pipeline import stage_tags
     from cai_ray.tracking import open_store
 
@@ -92,13 +97,14 @@ def run_command(name: str, cfg) -> dict:
     check = getattr(importlib.import_module(module), "check", None)
     if check is not None:
         check(cfg)
-    store = open_store(cfg, f"{cfg.name}-{name}", stage_tags(cfg, name))
+    suffix = "".join(f"-{k}" for k, v in options.items() if v)
+    store = open_store(cfg, f"{cfg.name}-{name}{suffix}", stage_tags(cfg, name))
     store.log_config(cfg)
     try:
         if name in PIPELINES:
             summary = _call(PIPELINES[name][0], cfg, store)
         else:
-            summary = importlib.import_module(STAGES[name][0]).run(cfg, store)
+            summary = importlib.import_module(STAGES[name][0]).run(cfg, store, **options)
     except BaseException:
         store.end("FAILED")
         raise
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         cfg.require(args.command)
-        summary = run_command(args.command, cfg)
+        summary = run_command(args.command, cfg, **({"check": True} if getattr(args, "check", False) else {}))
         for key, value in (summary or {}).items():
             print(f"{key}: {value}")
         return 0

@@ -287,8 +287,11 @@ class SFTConfig:
 
 @dataclass
 class DPOConfig:
-    # (prompt, chosen, rejected[, label]) rows; None means the generate stage's pairs.
+    # (prompt, chosen, rejected[, label]) rows; None means the pairs named by ``pairs``.
     data: Optional[str] = None
+    # Without dpo.data: "revisions" (generate's revision > initial, label 1.0), "feedback"
+    # (the label stage's AI-feedback pairs, soft labels) or "both" (concatenated).
+    pairs: str = "revisions"
     # The frozen reference/starting policy; None means the sft stage's adapter.
     sft_adapter: Optional[str] = None
     loss: str = "sigmoid"
@@ -300,11 +303,65 @@ class DPOConfig:
 
     def validate(self, key: str = "dpo") -> None:
         _choice(f"{key}.loss", self.loss, ("sigmoid", "ipo", "soft"))
+        _choice(f"{key}.pairs", self.pairs, ("revisions", "feedback", "both"))
         _positive(f"{key}.beta", self.beta)
         _positive(f"{key}.lr", self.lr)
         _positive(f"{key}.epochs", self.epochs)
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"{key}.max_steps={self.max_steps} must be > 0, or -1 to run the epochs")
+
+
+@dataclass
+class LabelConfig:
+    """RL-CAI: two policy samples per harm prompt, labelled by a base feedback model."""
+
+    # Comparison questions come from this constitution; None means generate.constitution.
+    constitution: Optional[str] = None
+    # The policy sampled (on-policy for DPO): None means the DPO reference, i.e.
+    # dpo.sft_adapter if set, else the sft stage's output; or a PEFT / model folder.
+    policy: Optional[str] = None
+    # The feedback model: None is the base model (model.path), "sft" the SL-CAI policy
+    # (base + SFT adapter), anything else a model folder used with feedback_role.
+    feedback: Optional[str] = None
+    feedback_role: str = "base"
+    # Worked comparisons before each question (k).
+    few_shot: int = 2
+    # [lo, hi] bounds for the soft label, e.g. [0.4, 0.6]; None keeps the probability.
+    clamp: Optional[list[float]] = None
+    # Pairs whose averaged probability lies within this of 0.5 are dropped.
+    margin: float = 0.0
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
+    actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    batch_size: int = 16
+    max_error_rate: float = 0.05
+    # Score the check pairs first (a child run), so every set of labels comes with the
+    # feedback model's measured accuracy; `label --check` runs only that.
+    check: bool = True
+    # Extra (prompt, chosen, rejected) jsonl files for the check, beside the shipped set.
+    check_data: list[str] = field(default_factory=list)
+
+    def validate(self, key: str = "label") -> None:
+        _choice(f"{key}.feedback_role", self.feedback_role, ("base", "instruct"))
+        if self.feedback_role == "instruct":
+            raise ConfigError(f"{key}.feedback_role=instruct is refused: no instruct model enters the "
+                              f"training data; use a base model or {key}.feedback=sft")
+        if self.feedback == "":
+            raise ConfigError(f"{key}.feedback is empty; leave it unset (base model), or set sft or a folder")
+        _positive(f"{key}.few_shot", self.few_shot, zero_ok=True)
+        if self.clamp is not None:
+            if len(self.clamp) != 2 or not 0 <= self.clamp[0] <= 0.5 <= self.clamp[1] <= 1 \
+                    or self.clamp[0] == self.clamp[1]:
+                raise ConfigError(f"{key}.clamp={list(self.clamp)} must be [lo, hi] with "
+                                  f"0 <= lo <= 0.5 <= hi <= 1 and lo < hi, e.g. [0.4, 0.6]")
+        if not 0 <= self.margin < 0.5:
+            raise ConfigError(f"{key}.margin={self.margin} must lie in [0, 0.5)")
+        for name in ("actors", "batch_size"):
+            _positive(f"{key}.{name}", getattr(self, name))
+        _positive(f"{key}.num_gpus_per_actor", self.num_gpus_per_actor, zero_ok=True)
+        _fraction(f"{key}.max_error_rate", self.max_error_rate)
+        self.sampling.validate(f"{key}.sampling")
 
 
 @dataclass
@@ -533,6 +590,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -560,6 +618,9 @@ class Config:
         if stage in ("evaluate", "serve-judge", "run", "sweep") and not self.judge.model.path:
             raise ConfigError("judge.model.path is empty; the evaluate stage needs a judge model "
                               "(set judge.model.path=... and judge.model.role=instruct|base)")
+        if stage == "label" and self.model.role == "instruct" and self.label.feedback in (None, "sft"):
+            raise ConfigError(f"label.feedback={self.label.feedback or 'unset'} means model.path, an instruct "
+                              f"model (model.role=instruct); the feedback model must be a base model")
         return self
 
     @property
@@ -625,6 +686,8 @@ STAGE_SECTIONS = {
     "sft": ("seed", "model", "train", "sft"),
     "dpo": ("seed", "model", "train", "dpo"),
     "evaluate": ("seed", "model", "engine", "judge", "evaluate"),
+    # Upstream: the policy (the sft output), the feedback model and the constitution's content.
+    "label": ("seed", "model", "engine", "data", "label"),
 }
 RESOURCE_KEYS = {
     "engine": ("batch_size", "tensor_parallel_size", "gpu_memory_utilization", "cpu_kv_cache_gib"),
@@ -636,6 +699,8 @@ RESOURCE_KEYS = {
               "checkpoint_every", "zero_stage", "gradient_checkpointing", "batch_size", "grad_accum"),
     "judge": ("replicas", "num_cpus", "num_gpus", "host", "port", "max_ongoing_requests",
               "max_queued_requests"),
+    # The check measures the feedback model; it never changes the labels.
+    "label": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size", "check", "check_data"),
 }
 
 

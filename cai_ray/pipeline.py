@@ -10,6 +10,7 @@ resumes the first unfinished stage.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -96,7 +97,8 @@ def run(cfg: Config, store: Store) -> dict:
     cfg = _with_capability_set(_resumable(cfg))
     results = {"generate": _child(store, cfg, "generate", f"{cfg.name}-generate")}
     link = {"generate_run": results["generate"].get("mlflow_run_id") or ""}
-    for stage in ("sft", "dpo"):
+    stages = ("sft", "dpo") if cfg.dpo.pairs == "revisions" else ("sft", "label", "dpo")
+    for stage in stages:
         results[stage] = _child(store, cfg, stage, f"{cfg.name}-{stage}", **link)
     cfg = copy.deepcopy(cfg)
     if not any(a.adapter for a in cfg.evaluate.arms):
@@ -146,7 +148,7 @@ def _evaluate(parent: Store, cfg: Config, name: str, arm: ArmConfig, loaded: tup
 def _dpo_point(parent: Store, cfg: Config, sft_adapter: str, subset: Path, size: int, seed: int,
                generate_run: str) -> tuple[Config, dict, dict]:
     point = _point_config(cfg, sft_adapter, subset, size, seed)
-    tags = {"size": size, "seed": seed, "generate_run": generate_run}
+    tags = {"size": size, "seed": seed, "generate_run": generate_run, "pairs": cfg.dpo.pairs}
     return point, tags, _child(parent, point, "dpo", f"{point.name}-dpo", **tags)
 
 
@@ -209,12 +211,20 @@ def sweep(cfg: Config, store: Store) -> dict:
     cfg = _resumable(cfg)
     generate = _child(store, cfg, "generate", f"{cfg.name}-generate")
     sft = _child(store, cfg, "sft", f"{cfg.name}-sft")
-    pairs = Path(generate["output"]) / "pairs.parquet"
+    if cfg.dpo.pairs != "revisions":
+        _child(store, cfg, "label", f"{cfg.name}-label")
+    from cai_ray.train.data import dpo_source, fingerprint
+
+    # The points' DPO reads the subsets; the full set is the one dpo.pairs names.
+    pairs = Path(dpo_source(dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, data=None))))
     available = pq.read_metadata(pairs).num_rows
     sizes, clipped = sweep_sizes(cfg.sweep.sizes, available)
     if not sizes:
         raise RuntimeError(f"sweep: the generate stage produced no pairs ({pairs})")
-    root = stage_dir(cfg, "generate").parent.parent / "sweep" / Path(generate["output"]).name
+    # Subsets are cut from one pair file: name their folder by it (as before for revision pairs).
+    source = Path(generate["output"]).name if cfg.dpo.pairs == "revisions" \
+        else f"{cfg.dpo.pairs}-{fingerprint(str(pairs))[:12]}"
+    root = stage_dir(cfg, "generate").parent.parent / "sweep" / source
     jobs = [(n, path, seed) for seed in cfg.sweep.seeds
             for n, path in nested_subsets(pairs, sizes, seed, root).items()]
     generate_run = generate.get("mlflow_run_id") or ""
