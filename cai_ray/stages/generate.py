@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cai_ray import quality
+from cai_ray import console, quality
 from cai_ray.config import Config, DataConfig, stage_dir, stage_hash, to_yaml
 from cai_ray.constitution import EXAMPLES, build_pair, load_constitution, sft_row
 from cai_ray.data.heldout import TrainIndex, format_overlaps
@@ -75,15 +75,18 @@ def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) ->
                         batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=g.actors),
                         num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor or None)
     start, rows, tokens, last = time.time(), 0, 0, 0
+    bar = console.progress("generate", total=len(todo), unit="rows")
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         _write_part(chains, batch)
         rows += batch.num_rows
+        bar.advance(batch.num_rows)
         tokens += pa.compute.sum(batch.column("completion_tokens")).as_py() or 0
         if rows - last >= PROGRESS_EVERY or rows == len(todo):
             elapsed = max(time.time() - start, 1e-9)
             store.log_metrics({"rows_done": rows, "rows_per_s": rows / elapsed,
                                "completion_tokens_per_s": tokens / elapsed}, step=rows)
             last = rows
+    bar.done()
     elapsed = time.time() - start
     return {"rows": rows, "seconds": elapsed, "completion_tokens": tokens}
 
@@ -149,7 +152,8 @@ def run(cfg: Config, store: Store) -> dict:
     write_atomic(out / "config.yaml", to_yaml(cfg))
     done = _done_ids(chains)
     todo = [{"id": r["id"], "prompt": r["prompt"]} for r in rows if r["id"] not in done]
-    print(f"generate: {len(rows)} prompts, {len(done)} already done, {len(todo)} to go -> {out}")
+    if done:
+        console.say(f"   resuming: {len(done)} of {len(rows)} prompts done earlier, {len(todo)} to go")
     run_stats = _stream_chains(cfg, todo, chains, store) if todo else {"rows": 0, "seconds": 0.0,
                                                                         "completion_tokens": 0}
     wanted = {r["id"] for r in rows}
