@@ -1,6 +1,9 @@
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import mlflow
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,3 +42,53 @@ def test_help_does_not_import_heavy_libraries():
             "print(sorted(m for m in ('ray', 'torch', 'vllm', 'mlflow') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.stdout.strip() == "[]"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_failing_stage_prints_one_line_naming_its_log(tmp_path):
+    done = cli("generate", "configs/quickstart.yaml", f"output_dir={tmp_path}", f"model.path={tmp_path / 'none'}")
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    (log,) = (tmp_path / "logs").glob("generate-*.log")
+    assert line.startswith("cai-ray: error: ") and line.endswith(f"(full log: {log})")
+    assert "cai-ray: error: " in log.read_text()
+
+
+def test_quickstart_run_is_quiet_and_the_log_holds_the_libraries(tmp_path):
+    """`cai-ray run configs/quickstart.yaml` as `make quickstart` runs it, on freshly built tiny models."""
+    models = tmp_path / "models"
+    for flavour in ("base", "chat"):
+        built = cli("tiny-model", str(models / f"tiny-{flavour}"), "--flavour", flavour)
+        assert built.returncode == 0, built.stderr
+    out = tmp_path / "out"
+    done = cli("run", "configs/quickstart.yaml", f"output_dir={out}", f"model.path={models / 'tiny-base'}",
+               f"judge.model.path={models / 'tiny-chat'}", f"judge.port={_free_port()}")
+    shown = done.stdout.splitlines() + done.stderr.splitlines()
+    assert done.returncode == 0, "\n".join(shown[-40:])
+    assert len(shown) <= 60, "\n".join(shown)
+    assert done.stderr == ""
+    for stage in ("generate", "sft", "dpo", "evaluate"):
+        assert f"== quickstart-{stage}" in done.stdout
+    assert done.stdout.count("   done in ") == 4
+    (log,) = (out / "logs").glob("run-*.log")
+    text = log.read_text()
+    # Ray, Ray Data, Train workers, Serve, DeepSpeed (a worker's stdout): all in the log, none on screen.
+    for noise in ("Started a local Ray instance", "Starting execution of Dataset", "(RayTrainWorker pid=",
+                  "(ServeController pid=", "Setting accelerator to CPU"):
+        assert noise in text and noise not in done.stdout, noise
+
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cai_ray")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    children = client.search_runs([exp.experiment_id], "tags.mlflow.parentRunId != ''")
+    assert sorted(r.data.tags["stage"] for r in children) == ["dpo", "evaluate", "generate", "sft"]
+    for run in children:
+        stage = run.data.tags["stage"]
+        section = {"generate": "generate.rounds", "sft": "sft.max_steps", "dpo": "dpo.beta",
+                   "evaluate": "judge.model.path"}[stage]
+        assert section in run.data.params and "seed" in run.data.params, stage
