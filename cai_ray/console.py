@@ -250,11 +250,14 @@ class Progress:
                 self.first = (self.last, count)
 
     def rate(self) -> Optional[float]:
+        """Steady rate once progress has been seen for a few seconds; before that (or when everything
+        came in one burst) the plain average since the bar started, start-up included."""
         if self.first is None:
             return None
-        seconds = self.last - self.first[0]
-        done = self.count - self.first[1]
-        return done / seconds if seconds > 1e-6 and done > 0 else None
+        t0, n0 = self.first
+        if self.last - t0 >= 5 and self.count > n0:
+            return (self.count - n0) / (self.last - t0)
+        return self.count / max(self.last - self.started, 1e-6)
 
     def text(self, width: int = 80) -> str:
         rate = self.rate()

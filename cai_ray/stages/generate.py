@@ -68,6 +68,7 @@ def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) ->
     from cai_ray.data.actors import RevisionActor
     from cai_ray.runtime import init_ray
 
+    bar = console.progress("generate", total=len(todo), unit="rows")  # from here: Ray and actors start slowly
     init_ray(cfg)
     g = cfg.generate
     ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // g.batch_size)))
@@ -75,7 +76,6 @@ def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) ->
                         batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=g.actors),
                         num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor or None)
     start, rows, tokens, last = time.time(), 0, 0, 0
-    bar = console.progress("generate", total=len(todo), unit="rows")
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         _write_part(chains, batch)
         rows += batch.num_rows

@@ -55,10 +55,11 @@ def test_progress_text_rate_and_eta():
     try:
         assert "0/10 steps  starting" in bar.text()
         bar.update(2)
-        bar.first, bar.last = (100.0, 2), 102.0
-        bar.count = 6  # 4 steps in 2 s after the first one seen
-        line = bar.text()
-        assert "6/10 steps  2 steps/s" in line and line.endswith("ETA 0:02")
+        bar.started, bar.first, bar.last, bar.count = 90.0, (100.0, 2), 108.0, 6
+        line = bar.text()  # 4 steps in 8 s after the first one seen: start-up left out
+        assert "6/10 steps  0.5 steps/s" in line and line.endswith("ETA 0:08")
+        bar.first, bar.last = (100.0, 2), 102.0  # too short to tell: the average since the start
+        assert "6/10 steps  0.5 steps/s" in bar.text()
         bar.update(3)  # never backwards
         assert bar.count == 6
     finally:
