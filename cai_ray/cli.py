@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_captured(args, cfg)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         if os.environ.get("CAI_RAY_DEBUG"):
-            traceback.print_exc()
+            console.error(traceback.format_exc().rstrip())
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         console.error(f"cai-ray: error: {message}{_log_hint()}")
         return 2
@@ -186,7 +186,8 @@ def ui(cfg, port: int | None) -> int:
     import urllib.request
 
     if cfg.tracking.uri and cfg.tracking.uri.startswith(("http://", "https://")):
-        print(f"MLflow UI: {_experiment_page(cfg, cfg.tracking.uri.rstrip('/'))}")
+        # Not asked for the experiment id: a server that is down would keep MLflow's client retrying.
+        print(f"MLflow UI: {cfg.tracking.uri.rstrip('/')}/#/experiments?workflowType=machine_learning")
         return 0
     if not cfg.tracking.enabled:
         raise ValueError("tracking.enabled=false: this config records no MLflow runs to browse")
@@ -212,6 +213,8 @@ def ui(cfg, port: int | None) -> int:
         # Its own session: Ctrl-C reaches us, and we stop the server's whole process group.
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    # `kill` stops the server too, like Ctrl-C (a background job may have SIGINT ignored).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         deadline = time.monotonic() + 120
         while True:

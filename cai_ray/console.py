@@ -154,7 +154,8 @@ def release() -> None:
     for stream, saved in ((cap.out, cap.saved_streams[0]), (cap.err, cap.saved_streams[1])):
         if stream is not saved:
             stream.close()
-    cap.log.close()
+    # The log stays open: logging handlers made during the command still hold it, and their
+    # late lines (shutdown, atexit) belong there rather than in an error about a closed file.
 
 
 def log_path() -> Optional[Path]:
@@ -250,23 +251,22 @@ class Progress:
                 self.first = (self.last, count)
 
     def rate(self) -> Optional[float]:
-        """Steady rate once progress has been seen for a few seconds; before that (or when everything
-        came in one burst) the plain average since the bar started, start-up included."""
+        """Units per second from the first progress seen on, so start-up (Ray, actors, model loading)
+        and a resumed run's earlier work stay out of it; None until that spans a few seconds."""
         if self.first is None:
             return None
         t0, n0 = self.first
-        if self.last - t0 >= 5 and self.count > n0:
-            return (self.count - n0) / (self.last - t0)
-        return self.count / max(self.last - self.started, 1e-6)
+        return (self.count - n0) / (self.last - t0) if self.last - t0 >= 5 and self.count > n0 else None
 
-    def text(self, width: int = 80) -> str:
+    def text(self, width: int = 80, final: bool = False) -> str:
         rate = self.rate()
-        elapsed = _duration(time.monotonic() - self.started)
+        if rate is None and final and self.count:
+            rate = self.count / max(self.last - self.started, 1e-6)  # all in one burst: the plain average
         count = f"{self.count}/{self.total}" if self.total else str(self.count)
         parts = [f"{count} {self.unit}"]
         if rate or not self.count:
             parts.append(f"{rate:.3g} {self.unit}/s" if rate else "starting")
-        parts.append(elapsed)
+        parts.append(_duration(time.monotonic() - self.started))
         if rate and self.total and self.count < self.total:
             parts.append(f"ETA {_duration((self.total - self.count) / rate)}")
         tail = "  ".join(parts)
@@ -323,7 +323,7 @@ class Progress:
                 _clear_bar()
                 _live = None
             self.tty = False
-            print(self.text(), file=sys.stdout, flush=True)
+            print(self.text(final=True), file=sys.stdout, flush=True)
 
 
 def progress(label: str, total: Optional[int], unit: str, poll: Optional[Callable[[], int]] = None) -> Progress:

@@ -1,6 +1,7 @@
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -92,3 +93,31 @@ def test_quickstart_run_is_quiet_and_the_log_holds_the_libraries(tmp_path):
         section = {"generate": "generate.rounds", "sft": "sft.max_steps", "dpo": "dpo.beta",
                    "evaluate": "judge.model.path"}[stage]
         assert section in run.data.params and "seed" in run.data.params, stage
+
+
+def test_ui_serves_the_config_store_on_loopback_and_stops_with_its_server(tmp_path):
+    from cai_ray.config import load_config
+    from cai_ray.tracking import open_store
+
+    cfg = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}"])
+    open_store(cfg, "seed-run").end()
+    exp = mlflow.MlflowClient(cfg.tracking_uri).get_experiment_by_name(cfg.tracking.experiment)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cai_ray", "ui", "configs/quickstart.yaml",
+                             f"output_dir={tmp_path}", "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # the server went with it
+    assert list((tmp_path / "logs").glob("ui-*.log"))
+
+    remote = cli("ui", "configs/quickstart.yaml", "tracking.uri=http://127.0.0.1:5005/")
+    assert remote.returncode == 0
+    assert remote.stdout.strip() == "MLflow UI: http://127.0.0.1:5005/#/experiments?workflowType=machine_learning"

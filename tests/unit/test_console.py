@@ -58,8 +58,9 @@ def test_progress_text_rate_and_eta():
         bar.started, bar.first, bar.last, bar.count = 90.0, (100.0, 2), 108.0, 6
         line = bar.text()  # 4 steps in 8 s after the first one seen: start-up left out
         assert "6/10 steps  0.5 steps/s" in line and line.endswith("ETA 0:08")
-        bar.first, bar.last = (100.0, 2), 102.0  # too short to tell: the average since the start
-        assert "6/10 steps  0.5 steps/s" in bar.text()
+        bar.first, bar.last = (100.0, 2), 102.0  # too short to tell: no rate, no ETA
+        assert "6/10 steps  " in bar.text() and "/s" not in bar.text() and "ETA" not in bar.text()
+        assert "6/10 steps  0.5 steps/s" in bar.text(final=True)  # the end line: the plain average
         bar.update(3)  # never backwards
         assert bar.count == 6
     finally:
