@@ -59,6 +59,12 @@ def test_failing_stage_prints_one_line_naming_its_log(tmp_path):
     assert line.startswith("cai-ray: error: ") and line.endswith(f"(full log: {log})")
     assert "cai-ray: error: " in log.read_text()
 
+    loud = tmp_path / "verbose"
+    done = cli("generate", "configs/quickstart.yaml", f"output_dir={loud}", f"model.path={loud / 'none'}",
+               "--verbose")
+    assert done.returncode == 2 and "cai-ray: error: " in done.stderr and "full log" not in done.stderr
+    assert not (loud / "logs").exists()
+
 
 def test_quickstart_run_is_quiet_and_the_log_holds_the_libraries(tmp_path):
     """`cai-ray run configs/quickstart.yaml` as `make quickstart` runs it, on freshly built tiny models."""
