@@ -52,23 +52,23 @@ def sweep_overrides(out: Path) -> list[str]:
             "data.limit=24", "dpo.max_steps=2", "train.checkpoint_every=2"]
 
 
-def start_ui(overrides: list[str]) -> tuple[subprocess.Popen, str]:
-    """`cai-ray ui` in the background; returns it and the URL it printed."""
+def start_ui(overrides: list[str]) -> tuple[subprocess.Popen, list[str]]:
+    """`cai-ray ui` in the background; returns it and the URLs it printed."""
     proc = subprocess.Popen([sys.executable, "-m", "cai_ray", "ui", "configs/quickstart.yaml", *overrides,
                              "--port", str(free_port())], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if "http://" not in line:
+    lines = [proc.stdout.readline(), proc.stdout.readline()]  # the experiment, its evaluate runs side by side
+    if not all("http://" in line for line in lines):
         proc.terminate()
-        raise SystemExit(f"cai-ray ui did not start: {line!r}")
-    print(line.strip())
-    return proc, "http://" + line.split("http://", 1)[1].split()[0]
+        raise SystemExit(f"cai-ray ui did not start: {lines!r}")
+    print("".join(lines), end="")
+    return proc, ["http://" + line.split("http://", 1)[1].split()[0] for line in lines]
 
 
-def pages(out: Path, printed: str) -> dict[str, str]:
+def pages(out: Path, printed: list[str]) -> dict[str, str]:
     """name -> URL of each page to shoot, found in the run's MLflow store."""
     import mlflow
 
-    base, mode = printed.split("/#")[0], "?workflowType=machine_learning"
+    base, mode = printed[0].split("/#")[0], "?workflowType=machine_learning"
     client = mlflow.MlflowClient(f"sqlite:///{out / 'run' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("cai_ray")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
@@ -76,8 +76,9 @@ def pages(out: Path, printed: str) -> dict[str, str]:
     evaluate = next(r for r in runs if r.data.tags.get("stage") == "evaluate" and r.data.tags.get("size") not in
                     (None, "0"))
     e, p, v = exp.experiment_id, parent.info.run_id, evaluate.info.run_id
-    return {"1-as-printed-by-cai-ray-ui": printed,
+    return {"1-as-printed-by-cai-ray-ui": printed[0],
             "2-experiment-without-mode": f"{base}/#/experiments/{e}",
+            "2b-evaluate-runs-side-by-side": printed[1],
             "3-chart-view": f"{base}/#/experiments/{e}/runs{mode}&compareRunsMode=CHART",
             "4-evaluate-run": f"{base}/#/experiments/{e}/runs/{v}{mode}",
             "5-evaluate-artifacts": f"{base}/#/experiments/{e}/runs/{v}/artifacts{mode}",

@@ -183,6 +183,7 @@ def ui(cfg, port: int | None) -> int:
     import socket
     import subprocess
     import time
+    import urllib.parse
     import urllib.request
 
     if cfg.tracking.uri and cfg.tracking.uri.startswith(("http://", "https://")):
@@ -227,7 +228,13 @@ def ui(cfg, port: int | None) -> int:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the MLflow UI did not answer on {url} within 120 s; see {log}")
                 time.sleep(0.5)
-        print(f"MLflow UI: {_experiment_page(cfg, url)}  (Ctrl-C stops it; log: {_shown(log)})", flush=True)
+        page = _experiment_page(cfg, url)
+        print(f"MLflow UI: {page}  (Ctrl-C stops it; log: {_shown(log)})", flush=True)
+        if "/runs?" in page:
+            # Stage runs nest under their command's run; a filter lists them flat, e.g. a sweep's points.
+            flat = urllib.parse.quote("tags.stage = 'evaluate'")
+            print(f"evaluate runs side by side: {page}&searchFilter={flat}&orderByKey=params.%60size%60"
+                  f"&orderByAsc=true", flush=True)
         proc.wait()
         raise RuntimeError(f"the MLflow UI stopped (exit {proc.returncode}); see {log}")
     except KeyboardInterrupt:

@@ -113,8 +113,9 @@ def test_ui_serves_the_config_store_on_loopback_and_stops_with_its_server(tmp_pa
                              f"output_dir={tmp_path}", "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
                             text=True)
     try:
-        line = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in line
+        page = f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+        assert page in proc.stdout.readline()
+        assert f"{page}&searchFilter=tags.stage%20%3D%20%27evaluate%27" in proc.stdout.readline()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
             assert answer.status == 200
     finally:
