@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -113,7 +112,7 @@ def main() -> None:
             shoot(chromium, url, shots / f"{name}.png")
             print(f"{shots / name}.png  <- {url}")
     finally:
-        proc.send_signal(signal.SIGINT)  # cai-ray ui stops its server's process group
+        proc.terminate()  # cai-ray ui stops its server's process group
         proc.wait(timeout=60)
 
 

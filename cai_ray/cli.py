@@ -214,8 +214,9 @@ def ui(cfg, port: int | None) -> int:
         # Its own session: Ctrl-C reaches us, and we stop the server's whole process group.
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    # `kill` stops the server too, like Ctrl-C (a background job may have SIGINT ignored).
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Ctrl-C and `kill` stop the server too (a background job starts with SIGINT ignored).
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.default_int_handler)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -233,8 +234,7 @@ def ui(cfg, port: int | None) -> int:
         if "/runs?" in page:
             # Stage runs nest under their command's run; a filter lists them flat, e.g. a sweep's points.
             flat = urllib.parse.quote("tags.stage = 'evaluate'")
-            print(f"evaluate runs side by side: {page}&searchFilter={flat}&orderByKey=params.%60size%60"
-                  f"&orderByAsc=true", flush=True)
+            print(f"evaluate runs side by side: {page}&searchFilter={flat}", flush=True)
         proc.wait()
         raise RuntimeError(f"the MLflow UI stopped (exit {proc.returncode}); see {log}")
     except KeyboardInterrupt:
