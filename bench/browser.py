@@ -72,8 +72,9 @@ def pages(out: Path, printed: list[str]) -> dict[str, str]:
     exp = client.get_experiment_by_name("cai_ray")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
     parent = next(r for r in runs if r.data.tags.get("stage") == "sweep")
+    # A rerun's stages find their outputs finished and log nothing new: show one that did the work.
     evaluate = next(r for r in runs if r.data.tags.get("stage") == "evaluate" and r.data.tags.get("size") not in
-                    (None, "0"))
+                    (None, "0") and r.data.metrics)
     e, p, v = exp.experiment_id, parent.info.run_id, evaluate.info.run_id
     return {"1-as-printed-by-cai-ray-ui": printed[0],
             "2-experiment-without-mode": f"{base}/#/experiments/{e}",
