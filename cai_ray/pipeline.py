@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cai_ray.config import STAGE_SECTIONS, ArmConfig, Config, EvalSetConfig, stage_dir, stage_hash
+from cai_ray import console
+from cai_ray.config import STAGE_SECTIONS, ArmConfig, Config, EvalSetConfig, stage_dir, stage_hash, to_dict
 from cai_ray.evaluation.rating import judge_scope, judge_starts
 from cai_ray.evaluation.sets import load_eval_sets
-from cai_ray.tracking import Store, stage_run, write_atomic
+from cai_ray.tracking import Store, flatten, stage_run, write_atomic
 
 PIPELINE = ("generate", "sft", "dpo", "evaluate")
 SWEEP_METRICS = ("asr", "asr_keyword", "over_refusal", "helpfulness")
@@ -61,12 +62,25 @@ def _inputs(cfg: Config, stage: str) -> list[tuple[Path, str]]:
     return [(path, dataset) for path, dataset in named if path.is_file()]
 
 
+def stage_params(cfg: Config, stage: str, **point) -> dict:
+    """A child run's params: the config sections that decide its stage, plus a sweep point's coordinates,
+    so MLflow's runs table and charts compare runs by column."""
+    full = to_dict(cfg)
+    params = flatten({name: full[name] for name in STAGE_SECTIONS.get(stage, ())})
+    if "size" in point:
+        # dpo.pairs (revisions | feedback | both) where the config has it; revision pairs before that.
+        source = getattr(cfg.dpo, "pairs", "revisions") if point["size"] else "none (SFT baseline)"
+        params.update(size=point["size"], seed=point["seed"], pair_source=source)
+    return params
+
+
 def _child(parent: Store, cfg: Config, stage: str, name: str, run_kwargs: dict | None = None, **tags) -> dict:
-    print(f"== {name}", flush=True)
-    with stage_run(parent, name, stage_tags(cfg, stage, **tags)) as child:
+    with console.stage(stage, name) as shown, stage_run(parent, name, stage_tags(cfg, stage, **tags)) as child:
+        child.log_params(stage_params(cfg, stage, **tags))
         for path, dataset in _inputs(cfg, stage):
             child.log_dataset(path, dataset, "training")
-        return _stage(stage).run(cfg, child, **(run_kwargs or {}))
+        shown["result"] = _stage(stage).run(cfg, child, **(run_kwargs or {}))
+        return shown["result"]
 
 
 def _resumable(cfg: Config) -> Config:

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from cai_ray import console
+
 # Settings from PROBE.md that every Ray process of ours should see.
 BASE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -87,6 +89,7 @@ def init_ray(cfg: Any, **overrides: Any) -> dict[str, str]:
         # keeps its working_dir and pip, ours adds the workers' environment.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **overrides)
+        console.route_worker_output()
         return env
     kwargs: dict[str, Any] = dict(address="local", num_cpus=cfg.runtime.num_cpus,
                                   num_gpus=cfg.runtime.num_gpus, _temp_dir=_temp_dir(cfg),
@@ -95,4 +98,6 @@ def init_ray(cfg: Any, **overrides: Any) -> dict[str, str]:
         kwargs["_node_ip_address"] = "127.0.0.1"
     kwargs.update(overrides)
     ray.init(**kwargs)
+    # Worker output still reaches this process (log_to_driver), but into the command's log file.
+    console.route_worker_output()
     return env

@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, runtime_checkable
 
 
+# MLflow 3.17's UI opens an experiment without this tag on its GenAI traces page (empty for us);
+# "custom_model_development" is its "Machine learning" kind, which opens on the runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 @runtime_checkable
 class Store(Protocol):
     run_id: str | None
@@ -83,6 +88,8 @@ class MlflowStore:
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        if exp is None or EXPERIMENT_KIND[0] not in exp.tags:
+            client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
         all_tags = {str(k): str(v) for k, v in (tags or {}).items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id

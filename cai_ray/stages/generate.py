@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cai_ray import quality
+from cai_ray import console, quality
 from cai_ray.config import PURPOSES, Config, DataConfig, stage_dir, stage_hash, to_yaml
 from cai_ray.constitution import (
     EXAMPLES, HELPFUL_EXAMPLES, STEPS, build_pair, helpful_row, load_constitution, screen, sft_row,
@@ -81,6 +81,7 @@ def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) ->
     from cai_ray.data.actors import RevisionActor
     from cai_ray.runtime import init_ray
 
+    bar = console.progress("generate", total=len(todo), unit="rows")  # from here: Ray and actors start slowly
     init_ray(cfg)
     g = cfg.generate
     ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // g.batch_size)))
@@ -91,12 +92,14 @@ def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) ->
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         _write_part(chains, batch)
         rows += batch.num_rows
+        bar.advance(batch.num_rows)
         tokens += pa.compute.sum(batch.column("completion_tokens")).as_py() or 0
         if rows - last >= PROGRESS_EVERY or rows == len(todo):
             elapsed = max(time.time() - start, 1e-9)
             store.log_metrics({"rows_done": rows, "rows_per_s": rows / elapsed,
                                "completion_tokens_per_s": tokens / elapsed}, step=rows)
             last = rows
+    bar.done()
     elapsed = time.time() - start
     return {"rows": rows, "seconds": elapsed, "completion_tokens": tokens}
 
@@ -188,8 +191,8 @@ def run(cfg: Config, store: Store) -> dict:
     write_atomic(out / "config.yaml", to_yaml(cfg))
     done = _done_ids(chains)
     todo = [{"id": r["id"], "prompt": r["prompt"], "purpose": r["purpose"]} for r in rows if r["id"] not in done]
-    print(f"generate: {len(rows)} prompts ({data_stats['purpose']['harm']} harm, "
-          f"{data_stats['purpose']['helpful']} helpful), {len(done)} already done, {len(todo)} to go -> {out}")
+    if done:
+        console.say(f"   resuming: {len(done)} of {len(rows)} prompts done earlier, {len(todo)} to go")
     run_stats = _stream_chains(cfg, todo, chains, store) if todo else {"rows": 0, "seconds": 0.0,
                                                                         "completion_tokens": 0}
     wanted = {r["id"] for r in rows}

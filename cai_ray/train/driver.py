@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from cai_ray import console
 from cai_ray.config import Config, stage_dir, stage_hash, to_yaml
 from cai_ray.tracking import Store, write_atomic
 from cai_ray.train.data import sft_reads_generate
@@ -201,10 +202,13 @@ def run_training(cfg: Config, store: Store, kind: str, rows: list[dict], out: Pa
     init_ray(cfg)
     section = cfg.sft if kind == "sft" else cfg.dpo
     steps = total_steps(len(data), cfg.train, cfg.train.workers, section.epochs, section.max_steps)
+    counter = console.remote_counter()
     job = Job(kind=kind, cfg=cfg, model_path=model_path, data=ray.put(data), total_steps=steps,
               pad_id=tokenizer.pad_token_id, lr=section.lr, start=start, store=store,
-              fail_once=os.environ.get(FAIL_ONCE_ENV))
-    result, name, startup = fit(cfg, job, out)
+              fail_once=os.environ.get(FAIL_ONCE_ENV), progress=counter)
+    with console.progress(kind, total=steps, unit="steps", poll=lambda: ray.get(counter.get.remote(), timeout=5)):
+        result, name, startup = fit(cfg, job, out)
+    ray.kill(counter)
     store.set_tags({"ray_run": name})
     with result.checkpoint.as_directory() as folder:
         paths = publish(cfg, kind, out, Path(folder), tokenizer, model_path, start)

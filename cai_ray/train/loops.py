@@ -46,6 +46,7 @@ class Job:
     start: Optional[str]      # SFT policy DPO starts from (adapter or model folder)
     store: Any                # MlflowStore or NullStore; used on rank 0 only
     fail_once: Optional[str]  # "RANK:STEP:MARKER" test hook (CAI_RAY_FAIL_ONCE)
+    progress: Any = None      # console.remote_counter(): rank 0 sets the step, the driver's bar polls it
 
 
 def _logits(engine, batch: dict) -> torch.Tensor:
@@ -281,6 +282,8 @@ def _run_steps(engine, data, schedule, steps: range, rank: int, job: Job, ref, s
             window, tick = [], time.time()
         if checkpoint:
             save_checkpoint(engine, state, metrics, job)
+        if rank == 0 and job.progress is not None:
+            job.progress.set.remote(state["step"])
         _maybe_fail(job, rank, state["step"])
     seconds = time.time() - started
     timing = {**marks, "train_seconds": seconds, "first_step_at": first_step_at or time.time(),
