@@ -509,6 +509,36 @@ class EvaluateConfig:
 
 
 @dataclass
+class IterateConfig:
+    """`run`'s RL-CAI iterations: sample from the current policy -> label -> DPO from it, repeated,
+    stopping early when the harm metric stops improving or a cost crosses its limit."""
+
+    iterations: int = 1
+    # The harm metric (an evaluate report key, lower is better: asr or asr_keyword).  An iteration
+    # that lowers it by less than min_improvement, with its interval overlapping the previous
+    # policy's, is the last one.
+    metric: str = "asr"
+    min_improvement: float = 0.02
+    # Costs: stop once over-refusal rises above, or helpfulness falls below, its limit (None: no limit).
+    over_refusal_metric: str = "over_refusal"
+    max_over_refusal: Optional[float] = None
+    helpfulness_metric: str = "helpfulness"
+    min_helpfulness: Optional[float] = None
+
+    def validate(self, key: str = "iterate") -> None:
+        _positive(f"{key}.iterations", self.iterations)
+        _choice(f"{key}.metric", self.metric, ("asr", "asr_keyword"))
+        _choice(f"{key}.over_refusal_metric", self.over_refusal_metric, ("over_refusal", "over_refusal_keyword"))
+        _choice(f"{key}.helpfulness_metric", self.helpfulness_metric, ("helpfulness", "cap_helpfulness"))
+        if not -1.0 <= self.min_improvement <= 1.0:
+            raise ConfigError(f"{key}.min_improvement={self.min_improvement} must lie in [-1, 1]")
+        if self.max_over_refusal is not None:
+            _fraction(f"{key}.max_over_refusal", self.max_over_refusal)
+        if self.min_helpfulness is not None and not 1.0 <= self.min_helpfulness <= 5.0:
+            raise ConfigError(f"{key}.min_helpfulness={self.min_helpfulness} must lie in [1, 5] (a judge score)")
+
+
+@dataclass
 class SweepConfig:
     sizes: list[int] = field(default_factory=lambda: [42, 1000, 10000, 161000])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -593,6 +623,7 @@ class Config:
     label: LabelConfig = field(default_factory=LabelConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -605,12 +636,16 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
-        # The exported DPO adapter stacks the SFT and DPO LoRAs (rank 2r); vLLM refuses
-        # adapters above its max_lora_rank, so say so now rather than in evaluate.
-        need = 2 * self.train.lora.r
+        if self.iterate.iterations > 1 and self.dpo.pairs == "revisions":
+            raise ConfigError(f"iterate.iterations={self.iterate.iterations} needs pairs from the current policy; "
+                              f"set dpo.pairs=feedback or both (revision pairs never change)")
+        # The exported DPO adapter stacks the SFT and DPO LoRAs (rank 2r, one r more per iteration);
+        # vLLM refuses adapters above its max_lora_rank, so say so now rather than in evaluate.
+        need = (1 + self.iterate.iterations) * self.train.lora.r
         if self.engine.backend == "vllm" and self.train.lora.enabled and self.engine.max_lora_rank < need:
-            raise ConfigError(f"engine.max_lora_rank={self.engine.max_lora_rank} is below 2 x train.lora.r="
-                              f"{need} (the DPO adapter's rank); set engine.max_lora_rank={need} or more")
+            raise ConfigError(f"engine.max_lora_rank={self.engine.max_lora_rank} is below (1 + iterate.iterations) "
+                              f"x train.lora.r={need} (the last DPO adapter's rank); set engine.max_lora_rank={need} "
+                              f"or more")
         return self
 
     def require(self, stage: str) -> "Config":

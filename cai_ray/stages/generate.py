@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cai_ray import console, quality
-from cai_ray.config import PURPOSES, Config, DataConfig, stage_dir, stage_hash, to_yaml
+from cai_ray.config import PURPOSES, Config, stage_dir, stage_hash, to_yaml
 from cai_ray.constitution import (
     EXAMPLES, HELPFUL_EXAMPLES, STEPS, build_pair, helpful_row, load_constitution, screen, sft_row,
 )
 from cai_ray.constitution.pairs import step_finishes
-from cai_ray.data.heldout import TrainIndex, format_overlaps
 from cai_ray.data.prompts import load_prompts
+from cai_ray.evaluation.sets import check_training_prompts
 from cai_ray.tracking import Store, write_atomic
 
 # Each step keeps its finish: stop, length (cut at max_new_tokens), empty or error.  These
@@ -35,22 +35,6 @@ FINISHES = ("stop", "length", "empty", "error")
 REASONS = (*quality.FILTERS, "unrevised", "empty", "truncated", "truncated_initial")
 # Parts are written as the pipeline streams; this many rows make one MLflow progress point.
 PROGRESS_EVERY = 256
-
-
-def _check_heldout(cfg: Config, rows: list[dict]) -> int:
-    """Refuse to generate from prompts that are also evaluation prompts."""
-    sets = list(dict.fromkeys([*(e.source for e in cfg.evaluate.sets), *cfg.generate.heldout_sets]))
-    if not sets:
-        return 0
-    index = TrainIndex([(r["id"], r["prompt"]) for r in rows])
-    checked = 0
-    for source in sets:
-        eval_rows = load_prompts(DataConfig(source=source, dedupe=False))
-        checked += len(eval_rows)
-        overlaps = index.overlaps([(r["id"], r["prompt"]) for r in eval_rows], cfg.evaluate.overlap_threshold)
-        if overlaps:
-            raise ValueError(f"generation prompts overlap eval set {source}: {format_overlaps(overlaps)}")
-    return checked
 
 
 def _done_ids(chains: Path) -> set[str]:
@@ -172,7 +156,7 @@ def _prepare(cfg: Config) -> tuple[list[dict], dict, str]:
                          f"{len(HELPFUL_EXAMPLES)} helpful examples exist")
     stats: dict = {}
     rows = load_prompts(cfg.data, stats=stats)
-    stats["heldout_checked"] = _check_heldout(cfg, rows)
+    stats["heldout_checked"] = check_training_prompts(cfg, rows, "generation prompts", tuple(cfg.generate.heldout_sets))
     return rows, stats, constitution.hash
 
 

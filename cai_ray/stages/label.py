@@ -18,14 +18,14 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cai_ray.config import Config, DataConfig, ModelConfig, to_yaml
+from cai_ray.config import Config, ModelConfig, to_yaml
 from cai_ray.constitution import load_constitution, spaced
 from cai_ray.constitution.feedback import (
     check_summary, decide, feedback_examples, p_first, position_bias, same_text, sample_two, score_orders,
 )
 from cai_ray.constitution.format import conversation_prompt
-from cai_ray.data.heldout import TrainIndex, format_overlaps
 from cai_ray.data.prompts import load_prompts, prompt_id
+from cai_ray.evaluation.sets import check_training_prompts
 from cai_ray.tracking import Store, stage_run, write_atomic
 from cai_ray.train.data import label_dir, read_rows
 from cai_ray.train.driver import output_dir
@@ -161,14 +161,7 @@ def _harm_prompts(cfg: Config) -> tuple[list[dict], dict]:
         raise ValueError(f"data.source={cfg.data.source}: none of its {len(rows)} prompts has purpose "
                          f"'harm'; the label stage compares replies to harm prompts only")
     # The pairs train DPO: evaluation prompts must not be among them.
-    index = TrainIndex([(r["id"], r["prompt"]) for r in harm])
-    # An eval set is its source string, or a section with a ``source`` (both forms exist).
-    sets = [getattr(entry, "source", entry) for entry in cfg.evaluate.sets]
-    for source in dict.fromkeys([*sets, *cfg.generate.heldout_sets]):
-        eval_rows = load_prompts(DataConfig(source=source, dedupe=False))
-        overlaps = index.overlaps([(r["id"], r["prompt"]) for r in eval_rows], cfg.evaluate.overlap_threshold)
-        if overlaps:
-            raise ValueError(f"label prompts overlap eval set {source}: {format_overlaps(overlaps)}")
+    check_training_prompts(cfg, harm, "label prompts", tuple(cfg.generate.heldout_sets))
     return [{"id": r["id"], "prompt": r["prompt"]} for r in harm], stats
 
 

@@ -29,7 +29,7 @@ def _args(root: Path, model: str, *extra) -> list[str]:
     data = _jsonl(root / "prompts.jsonl", [{"prompt": p} for p in PROMPTS]
                   + [{"prompt": "explain " * 3000}, {"prompt": "explain " * 1500}])
     return ["configs/quickstart.yaml", f"model.path={model}", f"output_dir={root / 'out'}", f"data.source={data}",
-            "data.limit=null", "evaluate.sets=[samples:red_team_eval]", "tracking.experiment=label-test",
+            "data.limit=null", "evaluate.sets=[{source: samples:red_team_eval}]", "tracking.experiment=label-test",
             "sft.data=samples:helpful_sft", "sft.max_steps=2", "dpo.max_steps=2", "train.workers=1",
             "train.checkpoint_every=2", "label.batch_size=4", "label.few_shot=2", "label.max_error_rate=0.2",
             "label.sampling.max_new_tokens=8", "label.sampling.min_new_tokens=2", *extra]
