@@ -39,6 +39,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "tiny-model": ("cai_ray.tiny:main", "build the tiny offline Llama + tokenizer in a folder"),
     "submit": ("cai_ray.submit:submit_main", "submit a command to a Ray cluster as a Ray Job"),
     "jobs": ("cai_ray.submit:jobs_main", "list, inspect, follow or stop Ray Jobs"),
+    "plan": ("cai_ray.plan:plan_main", "what each stage requests against a cluster file's node types"),
 }
 
 
@@ -73,8 +74,10 @@ def _call(target: str, *args):
 def run_command(name: str, cfg) -> dict:
     """Run a stage or a pipeline under one top-level MLflow run."""
     from cai_ray.pipeline import stage_tags
+    from cai_ray.runtime import preflight
     from cai_ray.tracking import open_store
 
+    preflight(cfg, name)  # hub setting applied and every model resolvable, before any actor starts
     store = open_store(cfg, f"{cfg.name}-{name}", stage_tags(cfg, name))
     store.log_config(cfg)
     try:

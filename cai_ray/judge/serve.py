@@ -171,10 +171,13 @@ class JudgeDeployment:
 
 
 def judge_app(judge: JudgeConfig):
-    """The judge application, with replicas, resources and backpressure from config."""
+    """The judge application, with replicas, placement and backpressure from config."""
+    from cai_ray.runtime import placement
+
     return JudgeDeployment.options(
         num_replicas=judge.replicas,
-        ray_actor_options={"num_cpus": judge.num_cpus, "num_gpus": judge.num_gpus},
+        # num_cpus/num_gpus plus judge.resources and judge.labels; fails if no node has them.
+        ray_actor_options=placement("judge", judge).ray_options(),
         max_ongoing_requests=judge.max_ongoing_requests,
         max_queued_requests=judge.max_queued_requests,
         # A judge that cannot start (bad path, no chat template, no memory) fails the same way
