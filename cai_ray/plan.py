@@ -224,8 +224,10 @@ def _group(name: str, group: dict, count: int, where: str) -> NodeType:
         resources["memory"] = quantity(limits["memory"], f"{where} memory")
     started, labels = _start_params(group.get("rayStartParams") or {}, where)
     resources.update(started)
-    resources.update({k: float(v) for k, v in (group.get("resources") or {}).items()
-                      if k not in ("cpu", "memory") and not k.endswith("/gpu")})
+    # KubeRay >= 1.5: a group's top-level resources (quantities) and labels override rayStartParams.
+    for key, value in (group.get("resources") or {}).items():
+        ray_name = {"cpu": "CPU", "memory": "memory"}.get(key.lower(), "GPU" if "gpu" in key.lower() else key)
+        resources[ray_name] = quantity(value, f"{where}.resources.{key}")
     labels.update({str(k): str(v) for k, v in (group.get("labels") or {}).items()})
     unknown = tuple(k for k in ("CPU", "memory") if k not in resources)
     return NodeType(name, count, resources, labels, unknown)
@@ -290,7 +292,8 @@ def render(req: Request, nodes: list[NodeType], problem: Optional[str]) -> str:
     per_unit = _fmt({k: v for k, v in req.bundle().items() if not (nodes[0].local and k in req.resources)})
     if req.labels and not nodes[0].local:
         per_unit += f" labels {','.join(f'{k}={v}' for k, v in req.labels.items())}"
-    return (f"  {req.stage:<9} {USED_BY[req.stage]:<23} {req.count:>3} {req.unit + 's':<9} {per_unit:<34} "
+    units = f"{req.unit}{'s' if req.count != 1 else ''}"
+    return (f"  {req.stage:<9} {USED_BY[req.stage]:<23} {req.count:>3} {units:<9} {per_unit:<34} "
             f"{on:<28} {_count(total):>5}  {'NO' if problem else 'ok'}")
 
 

@@ -207,15 +207,17 @@ def live_nodes() -> list[NodeType]:
             for n in ray.nodes() if n["Alive"]]
 
 
-def placement(stage: str, section: Any) -> Request:
+def placement(stage: str, section: Any, count: int | None = None) -> Request:
     """What one unit of ``stage`` requests (``.ray_options()``, ``.bundle()``, ``.labels``), once the
-    connected Ray can hold all ``section``'s units; else one line after runtime.placement_timeout_s.
+    connected Ray can hold all ``section``'s units (or ``count`` of them); else one line after
+    runtime.placement_timeout_s.
 
     ``stage`` is generate, label, train or judge, ``section`` its config section (evaluate's arm
     generation uses ``placement("generate", cfg.generate)``).  On the private local Ray, custom
     resources and labels are dropped: they only choose between nodes, and there is one.
     """
     req = request(stage, section)
+    req.count = count or req.count
     if not _session["attached"]:
         req.resources, req.labels = {}, {}
     problem = check(req, live_nodes())
