@@ -198,9 +198,10 @@ def start_judge(judge: JudgeConfig, app_name: str = APP_NAME, route_prefix: str 
     """
     if not judge.model.path:
         raise ValueError("judge.model.path is empty; set it to the judge model folder or hub id")
+    app = judge_app(judge)  # placement is checked here: no node with judge.resources is its own line
     serve.start(http_options={"host": judge.host, "port": judge.port})
     try:
-        serve.run(judge_app(judge), name=app_name, route_prefix=route_prefix)
+        serve.run(app, name=app_name, route_prefix=route_prefix)
     except RuntimeError as exc:
         # serve.run only says the deployment failed; the replica's traceback is in its status.
         status = serve.status().applications.get(app_name)

@@ -108,11 +108,11 @@ def _port() -> int:
 
 
 def _mlflow_server(port: int, root) -> subprocess.Popen:
-    """A real MLflow server on loopback; started in its own process group so it can be killed whole."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    """The cluster's MLflow server script (jobs/mlflow_server.sh) on loopback, in its own process group."""
+    env = {**os.environ, "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_ROOT": str(root),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen(["bash", str(ROOT / "jobs" / "mlflow_server.sh"), "--foreground"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while True:
         try:
@@ -204,14 +204,14 @@ def test_sft_survives_a_tracking_server_restart_and_later_points_land(tmp_path, 
         assert sft.poll() is None, "SFT ended while the server was down; raise sft.max_steps"
         server = _mlflow_server(port, tmp_path)
         out, err = sft.communicate(timeout=900)
+        assert sft.returncode == 0, err[-3000:]
+        assert (tmp_path / "out" / "sft").glob("*/manifest.json").__next__().is_file()
+        logged = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+        assert logged[:3] == [1, 2, 3] and logged[-1] == steps       # before the kill, and after the restart
+        assert len(logged) < steps                                   # the outage's points are missing ...
+        assert "points could not be logged" in err                  # ... counted, and said so at the end
+        assert client.get_run(run_id).info.status == "FINISHED"
     finally:
         if sft.poll() is None:
             os.killpg(sft.pid, signal.SIGKILL)
         _kill(server)
-    assert sft.returncode == 0, err[-3000:]
-    assert (tmp_path / "out" / "sft").glob("*/manifest.json").__next__().is_file()
-    logged = sorted(m.step for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "loss"))
-    assert logged[:3] == [1, 2, 3] and logged[-1] == steps       # before the kill, and after the restart
-    assert len(logged) < steps                                   # the outage's points are missing ...
-    assert "points could not be logged" in err                  # ... counted, and said so at the end
-    assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
