@@ -112,11 +112,13 @@ def _check_hub(key: str, repo: str, revision: str | None, offline: bool) -> str:
     from huggingface_hub import HfApi, try_to_load_from_cache
 
     if offline:
-        for name in ("config.json", "tokenizer_config.json"):
-            if not isinstance(try_to_load_from_cache(repo, name, revision=revision), str):
-                raise ValueError(f"{key}={repo}: hub access is off (runtime.offline / HF_HUB_OFFLINE) and "
-                                 f"{name} is not in the local hub cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}); "
-                                 f"download it first or set runtime.offline=false")
+        cached = {name for name in ("config.json", *TOKENIZER_FILES)
+                  if isinstance(try_to_load_from_cache(repo, name, revision=revision), str)}
+        if "config.json" not in cached or not cached & set(TOKENIZER_FILES):
+            where = os.environ.get("HF_HOME", "~/.cache/huggingface")
+            raise ValueError(f"{key}={repo}: hub access is off (runtime.offline / HF_HUB_OFFLINE) and its config "
+                             f"or tokenizer is not in the local hub cache ({where}); download it first or set "
+                             f"runtime.offline=false")
         return repo
     api = HfApi()
     try:
