@@ -53,6 +53,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "tiny-model": ("cai_ray.tiny:main", "build the tiny offline Llama + tokenizer in a folder"),
     "submit": ("cai_ray.submit:submit_main", "submit a command to a Ray cluster as a Ray Job"),
     "jobs": ("cai_ray.submit:jobs_main", "list, inspect, follow or stop Ray Jobs"),
+    "plan": ("cai_ray.plan:plan_main", "what each stage requests against a cluster file's node types"),
 }
 UI_HELP = "browse this config's MLflow runs: starts the MLflow UI on 127.0.0.1 and prints its URL"
 UI_PORT = 5000
@@ -100,6 +101,7 @@ def _call(target: str, *args):
 def run_command(name: str, cfg, **options) -> dict:
     """Run a stage or a pipeline under one top-level MLflow run; ``options`` are a stage's flags."""
     from cai_ray.pipeline import stage_tags
+    from cai_ray.runtime import preflight
     from cai_ray.tracking import open_store
 
     # A stage or pipeline may check its inputs first (cheap checks only), so bad input stops
@@ -108,6 +110,7 @@ def run_command(name: str, cfg, **options) -> dict:
     check = getattr(importlib.import_module(module), "check", None)
     if check is not None:
         check(cfg)
+    preflight(cfg, name)  # hub setting applied and every model resolvable, before any actor starts
     suffix = "".join(f"-{k}" for k, v in options.items() if v)
     store = open_store(cfg, f"{cfg.name}-{name}{suffix}", stage_tags(cfg, name))
     store.log_config(cfg)

@@ -41,6 +41,20 @@ def _fraction(key: str, value: float) -> None:
         raise ConfigError(f"{key}={value} must lie in [0, 1]")
 
 
+def _placement(key: str, resources: dict, labels: dict, cpu_key: str, gpu_key: str) -> None:
+    """Custom Ray resources and a node label selector requested per actor/worker/replica."""
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU"):
+            raise ConfigError(f"{key}.resources.{name}: set {cpu_key if name == 'CPU' else gpu_key} instead")
+        if not name or amount <= 0:
+            raise ConfigError(f"{key}.resources.{name}={amount} must be > 0 (a custom resource per unit; "
+                              f"'memory' is bytes of RAM)")
+    for name, value in labels.items():
+        if not name or not str(value):
+            raise ConfigError(f"{key}.labels.{name}: label selector keys and values must be non-empty "
+                              f"(e.g. {key}.labels.node-group=gen)")
+
+
 @dataclass
 class ModelConfig:
     # Hub id or local folder in Hugging Face layout.
@@ -181,6 +195,11 @@ class GenerateConfig:
     actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
+    # Placement on a cluster, on top of CPUs/GPUs: custom resources each actor requests
+    # (e.g. {generate: 1}) and a Ray node label selector (e.g. {node-group: gen}).
+    # evaluate's arm generation runs with these settings too.
+    resources: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
     batch_size: int = 16
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
@@ -196,6 +215,7 @@ class GenerateConfig:
         _positive(f"{key}.actors", self.actors)
         _positive(f"{key}.batch_size", self.batch_size)
         _positive(f"{key}.num_gpus_per_actor", self.num_gpus_per_actor, zero_ok=True)
+        _placement(key, self.resources, self.labels, f"{key}.num_cpus_per_actor", f"{key}.num_gpus_per_actor")
         _fraction(f"{key}.max_error_rate", self.max_error_rate)
         self.sampling.validate(f"{key}.sampling")
         self.quality.validate(f"{key}.quality")
@@ -224,6 +244,9 @@ class TrainConfig:
     workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Placement per worker on top of CPUs/GPUs, as in generate.resources / generate.labels.
+    resources: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
     zero_stage: int = 2
     precision: str = "fp32"
     batch_size: int = 4
@@ -247,6 +270,7 @@ class TrainConfig:
 
     def validate(self, key: str = "train") -> None:
         _positive(f"{key}.workers", self.workers)
+        _placement(key, self.resources, self.labels, f"{key}.cpus_per_worker", f"{key}.use_gpu")
         _choice(f"{key}.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _choice(f"{key}.precision", self.precision, ("fp32", "bf16", "fp16"))
         if self.precision == "fp16" and not self.use_gpu:
@@ -341,6 +365,9 @@ class LabelConfig:
     check: bool = True
     # Extra (prompt, chosen, rejected) jsonl files for the check, beside the shipped set.
     check_data: list[str] = field(default_factory=list)
+    # Placement per actor on top of CPUs/GPUs, as in generate.resources / generate.labels.
+    resources: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
 
     def validate(self, key: str = "label") -> None:
         _choice(f"{key}.feedback_role", self.feedback_role, ("base", "instruct"))
@@ -362,6 +389,7 @@ class LabelConfig:
         _positive(f"{key}.num_gpus_per_actor", self.num_gpus_per_actor, zero_ok=True)
         _fraction(f"{key}.max_error_rate", self.max_error_rate)
         self.sampling.validate(f"{key}.sampling")
+        _placement(key, self.resources, self.labels, f"{key}.num_cpus_per_actor", f"{key}.num_gpus_per_actor")
 
 
 @dataclass
@@ -374,6 +402,9 @@ class JudgeConfig:
     replicas: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # Placement per replica on top of CPUs/GPUs, as in generate.resources / generate.labels.
+    resources: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 8321
     max_batch_size: int = 16
@@ -393,6 +424,7 @@ class JudgeConfig:
 
         _choice(f"{key}.harm_rubric", self.harm_rubric, HARM_RUBRICS)
         _positive(f"{key}.replicas", self.replicas)
+        _placement(key, self.resources, self.labels, f"{key}.num_cpus", f"{key}.num_gpus")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"{key}.port={self.port} must lie in 1..65535")
         for name in ("max_batch_size", "max_ongoing_requests", "max_queued_requests", "max_request_chars"):
@@ -559,10 +591,11 @@ class EstimateConfig:
 
     # Prompts to generate from; None counts what data.source yields (after data.limit).
     prompts: Optional[int] = None
-    # Measure generation on the configured engine with a few prompts instead of trusting
-    # generate_tokens_per_s.
-    calibrate: bool = True
-    calibration_prompts: int = 8
+    # Measure generation instead of trusting generate_tokens_per_s: one Ray task with the
+    # generation resources (on the cluster when attached) runs the chain on the engine.
+    calibrate: bool = False
+    # Prompts measured; None means one actor batch (generate.batch_size), the real batch size.
+    calibration_prompts: Optional[int] = None
     # Processed tokens (prompt + completion) per second per device.
     generate_tokens_per_s: float = 20000.0
     train_tokens_per_s: float = 6000.0
@@ -573,7 +606,8 @@ class EstimateConfig:
     def validate(self, key: str = "estimate") -> None:
         if self.prompts is not None:
             _positive(f"{key}.prompts", self.prompts)
-        _positive(f"{key}.calibration_prompts", self.calibration_prompts)
+        if self.calibration_prompts is not None:
+            _positive(f"{key}.calibration_prompts", self.calibration_prompts)
         for name in ("generate_tokens_per_s", "train_tokens_per_s", "judge_tokens_per_s"):
             _positive(f"{key}.{name}", getattr(self, name))
         _positive(f"{key}.device_hour_cost", self.device_hour_cost, zero_ok=True)
@@ -582,13 +616,24 @@ class EstimateConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    # None means sqlite:///{output_dir}/mlflow.db.
+    # None means sqlite:///{output_dir}/mlflow.db; on a cluster, the MLflow server on the
+    # head (jobs/mlflow_server.sh), e.g. http://HEAD_IP:5000.
     uri: Optional[str] = None
     experiment: str = "cai_ray"
+    # Where a new experiment keeps its artifacts.  None: {output_dir}/mlartifacts for a local
+    # store, the server's own artifact destination for an http(s) tracking server.
+    artifact_root: Optional[str] = None
+    # A failed tracking call is retried this many times with backoff (0.5 s, 1 s, 2 s, ...);
+    # if it still fails, its points are dropped and counted, never failing the work, and
+    # calls in the next pause_s seconds are dropped at once before the store is tried again.
+    retries: int = 4
+    pause_s: float = 30.0
 
     def validate(self, key: str = "tracking") -> None:
         if not self.experiment:
             raise ConfigError(f"{key}.experiment is empty; name the MLflow experiment")
+        _positive(f"{key}.retries", self.retries, zero_ok=True)
+        _positive(f"{key}.pause_s", self.pause_s, zero_ok=True)
 
 
 @dataclass
@@ -602,10 +647,18 @@ class RuntimeConfig:
     temp_dir: Optional[str] = None
     # Ray Train storage; None means {output_dir}/ray_storage.  Made absolute.
     storage_path: Optional[str] = None
+    # Model hub access for the driver and every worker: true never downloads, false lets
+    # workers download (HF_TOKEN and HF_HOME are forwarded), None follows HF_HUB_OFFLINE
+    # in the driver's environment (online unless it is set to 1).
+    offline: Optional[bool] = None
+    # A stage whose actors/workers no node can host (a resource or label nobody offers)
+    # fails after waiting this long for the cluster (or its autoscaler) to provide them.
+    placement_timeout_s: float = 600.0
 
     def validate(self, key: str = "runtime") -> None:
         if self.num_cpus is not None:
             _positive(f"{key}.num_cpus", self.num_cpus)
+        _positive(f"{key}.placement_timeout_s", self.placement_timeout_s, zero_ok=True)
 
 
 @dataclass
@@ -726,16 +779,18 @@ STAGE_SECTIONS = {
 }
 RESOURCE_KEYS = {
     "engine": ("batch_size", "tensor_parallel_size", "gpu_memory_utilization", "cpu_kv_cache_gib"),
-    "generate": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size"),
+    "generate": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size", "resources", "labels"),
     # ZeRO and gradient checkpointing change memory, not numbers; precision changes the numbers.
     # How the global batch is split (per-worker batch x accumulation x workers) is a resource
     # too: the hash keeps the product, and every split gives each step the same examples.
     "train": ("workers", "use_gpu", "cpus_per_worker", "max_failures", "resume", "log_every",
-              "checkpoint_every", "zero_stage", "gradient_checkpointing", "batch_size", "grad_accum"),
+              "checkpoint_every", "zero_stage", "gradient_checkpointing", "batch_size", "grad_accum",
+              "resources", "labels"),
     "judge": ("replicas", "num_cpus", "num_gpus", "host", "port", "max_ongoing_requests",
-              "max_queued_requests"),
+              "max_queued_requests", "resources", "labels"),
     # The check measures the feedback model; it never changes the labels.
-    "label": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size", "check", "check_data"),
+    "label": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size", "check", "check_data",
+              "resources", "labels"),
 }
 
 

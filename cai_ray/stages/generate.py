@@ -63,7 +63,7 @@ def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) ->
     import ray
 
     from cai_ray.data.actors import RevisionActor
-    from cai_ray.runtime import init_ray
+    from cai_ray.runtime import init_ray, placement
 
     bar = console.progress("generate", total=len(todo), unit="rows")  # from here: Ray and actors start slowly
     init_ray(cfg)
@@ -71,7 +71,7 @@ def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) ->
     ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // g.batch_size)))
     ds = ds.map_batches(RevisionActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=g.batch_size,
                         batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=g.actors),
-                        num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor or None)
+                        **placement("generate", g).ray_options())
     start, rows, tokens, last = time.time(), 0, 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         _write_part(chains, batch)

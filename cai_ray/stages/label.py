@@ -172,7 +172,7 @@ def _stream(cfg: Config, rows: list[dict], models: tuple, store: Store, sink) ->
     """Run the label actors over ``rows``, handing each finished batch (a pyarrow table) to ``sink``."""
     import ray
 
-    from cai_ray.runtime import init_ray
+    from cai_ray.runtime import init_ray, placement
 
     init_ray(cfg)
     lab = cfg.label
@@ -180,7 +180,7 @@ def _stream(cfg: Config, rows: list[dict], models: tuple, store: Store, sink) ->
     ds = ds.map_batches(LabelActor, fn_constructor_kwargs={"cfg": cfg, "policy": models[0], "feedback": models[1]},
                         batch_size=lab.batch_size, batch_format="pandas",
                         compute=ray.data.ActorPoolStrategy(size=lab.actors),
-                        num_cpus=lab.num_cpus_per_actor, num_gpus=lab.num_gpus_per_actor or None)
+                        **placement("label", lab).ray_options())
     start, done, last = time.time(), 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         sink(batch.select(ROW_SCHEMA.names).cast(ROW_SCHEMA))

@@ -86,15 +86,17 @@ def fit(cfg: Config, job: Any, out: Path):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cai_ray.runtime import placement
     from cai_ray.train.loops import train_loop
 
     train = cfg.train
     name, storage = _run_name(cfg, job.kind, out)
-    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    unit = placement("train", train)  # CPU/GPU + train.resources, train.labels; fails if no node has them
     trainer = TorchTrainer(
         train_loop, train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker={"CPU": train.cpus_per_worker, **unit.bundle()},
+                                     label_selector=unit.labels or None),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
