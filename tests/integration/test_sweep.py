@@ -63,6 +63,12 @@ def test_sweep_nested_subsets_child_runs_and_summary(tmp_path, tiny_eos, tiny_ch
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     # Each point's pairs subset is logged as the DPO run's input dataset.
     assert all(r.inputs.dataset_inputs for r in points)
+    # Every evaluation has its per-response table for the UI's table view, and every artifact lies
+    # under output_dir, never in the working directory.
+    for run in evaluations:
+        assert "evaluate/responses.json" in {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+    assert all(r.info.artifact_uri.startswith(f"file://{out}") or r.info.artifact_uri.startswith(str(out))
+               for r in children + [parent])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep_summary.json", "sweep.png"} <= artifacts
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep_summary.json")).read_text())
