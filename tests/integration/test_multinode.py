@@ -24,7 +24,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # Small but complete: every stage of the pipeline runs, each briefly.
-SMALL = ["data.limit=6", "generate.rounds=1", "generate.sampling.max_new_tokens=6", "sft.max_steps=2",
+# The EOS model's replies end after two tokens, so they are not screened out as cut and SFT has rows.
+SMALL = ["data.limit=6", "generate.rounds=1", "generate.sampling.max_new_tokens=6",
+         "generate.sampling.min_new_tokens=2", "sft.max_steps=2",
          "dpo.max_steps=2", "train.checkpoint_every=100", "evaluate.sets=[{source: samples:red_team_eval}]",
          "evaluate.sampling.max_new_tokens=6", "evaluate.bootstrap=50"]
 PLACED = ["generate.resources={gen: 1}", "train.resources={trn: 1}", "judge.resources={gen: 1}"]
@@ -134,9 +136,9 @@ def _placed(dashboard: str) -> dict[str, set[str]]:
     return out
 
 
-def test_run_places_every_stage_on_its_nodes_and_matches_one_node(cluster, tmp_path, tiny_base, tiny_chat):
+def test_run_places_every_stage_on_its_nodes_and_matches_one_node(cluster, tmp_path, tiny_eos, tiny_chat):
     address, dashboard = cluster
-    models = [f"model.path={tiny_base}", f"judge.model.path={tiny_chat}"]
+    models = [f"model.path={tiny_eos}", f"judge.model.path={tiny_chat}"]
     multi = _cli("run", "configs/quickstart.yaml", *models, *SMALL, *PLACED, f"output_dir={tmp_path / 'multi'}",
                  f"runtime.address={address}")
     assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]

@@ -136,9 +136,11 @@ def test_cli_stops_on_a_missing_model_before_writing_anything(tmp_path, tiny_bas
                            f"model.path={tiny_base}", "judge.model.path=/nope/judge", f"output_dir={out}"],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["cai-ray: error: judge.model.path=/nope/judge: no such folder "
-                                                "(and not a hub id like org/name)"]
-    assert not out.exists()
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("cai-ray: error: judge.model.path=/nope/judge: no such folder "
+                           "(and not a hub id like org/name)"), line
+    # Only the run's log (the line names it) was written.
+    assert not out.exists() or {p.name for p in out.iterdir()} == {"logs"}
 
 
 def test_local_placement_drops_node_choices_and_fails_at_once_on_missing_gpus(ray_cluster, tmp_path, tiny_base):

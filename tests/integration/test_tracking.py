@@ -184,7 +184,7 @@ def test_sft_survives_a_tracking_server_restart_and_later_points_land(tmp_path, 
     uri = f"http://127.0.0.1:{port}"
     sft = subprocess.Popen(
         [sys.executable, "-m", "cai_ray", "sft", "configs/quickstart.yaml", f"model.path={tiny_base}",
-         f"output_dir={tmp_path / 'out'}", f"tracking.uri={uri}", f"sft.max_steps={steps}", "train.log_every=1",
+         f"output_dir={tmp_path / 'out'}", "sft.data=samples:helpful_sft", f"tracking.uri={uri}", f"sft.max_steps={steps}", "train.log_every=1",
          "train.checkpoint_every=1000", "train.max_length=64", "tracking.retries=2", "tracking.pause_s=2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
     try:
