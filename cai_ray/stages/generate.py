@@ -68,8 +68,11 @@ def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) ->
     bar = console.progress("generate", total=len(todo), unit="rows")  # from here: Ray and actors start slowly
     init_ray(cfg)
     g = cfg.generate
+    # Blocks of at most batch_size rows, each one batch (batch_size=None): with batch_size set,
+    # Ray Data bundles blocks up to batch_size rows, so a task ran two blocks (a full batch and
+    # a ragged one) and a kill lost up to twice the rows in flight per actor.
     ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // g.batch_size)))
-    ds = ds.map_batches(RevisionActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=g.batch_size,
+    ds = ds.map_batches(RevisionActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=None,
                         batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=g.actors),
                         **placement("generate", g).ray_options())
     start, rows, tokens, last = time.time(), 0, 0, 0

@@ -53,6 +53,8 @@ def test_generate_writes_chains_sft_pairs_helpful_and_error_rows(tmp_path, tiny_
     out = _out(tmp_path)
     chains = pq.read_table(out / "chains").to_pylist()
     assert len(chains) == 14 and len({r["id"] for r in chains}) == 14
+    # One part per batch of at most generate.batch_size (4) rows: what a kill can lose per actor.
+    assert sorted(pq.read_metadata(p).num_rows for p in (out / "chains").glob("part-*.parquet")) == [3, 3, 4, 4]
     long_row = [r for r in chains if r["prompt"].startswith("please explain")][0]
     assert "context" in long_row["error"] and long_row["final"] is None
     ok = [r for r in chains if not r["error"] and r["purpose"] == "harm"]

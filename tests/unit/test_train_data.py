@@ -228,6 +228,21 @@ def test_rows_cut_to_max_length_keep_the_prompt_and_drop_rows_without_completion
         tokenize(tok, rows, "sft", max_length=4)
 
 
+def test_tokenising_in_chunks_gives_the_same_arrays_as_at_once(tok, monkeypatch):
+    import cai_ray.train.data as data_module
+
+    rows = [{"prompt": PROMPT * (1 + i % 3), "chosen": f" Yes {i}.", "rejected": " No." * (i % 4 + 1),
+             "label": i / 10} for i in range(10)]
+    rows[4]["prompt"] = PROMPT * 40  # dropped: nothing left after max_length
+    whole = tokenize(tok, rows, "dpo", max_length=120)
+    monkeypatch.setattr(data_module, "TOKENIZE_CHUNK", 3)  # chunks of 3, 3, 3, 1; one holds the dropped row
+    chunked = tokenize(tok, rows, "dpo", max_length=120)
+    assert whole.stats == chunked.stats and whole.stats["dropped_too_long"] == 1
+    for a, b in zip(whole.seqs, chunked.seqs):
+        assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("ids", "offsets", "split"))
+    assert chunked.labels.tolist() == whole.labels.tolist() and len(chunked.labels) == 9
+
+
 # ---------------------------------------------------------------- schedule
 
 
