@@ -84,8 +84,10 @@ def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) ->
     init_ray(cfg)
     g = cfg.generate
     ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // g.batch_size)))
+    # The actor's __call__ is async: Ray Data runs up to batches_in_flight of its batches at once.
+    pool = ray.data.ActorPoolStrategy(size=g.actors, max_concurrent_calls_per_actor=g.batches_in_flight)
     ds = ds.map_batches(RevisionActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=g.batch_size,
-                        batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=g.actors),
+                        batch_format="pandas", compute=pool,
                         num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor or None)
     start, rows, tokens, last = time.time(), 0, 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
