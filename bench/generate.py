@@ -363,8 +363,10 @@ def run_vllm_chain(args, root: Path, model: str, data: Path) -> tuple[list[dict]
 
     out, chains = [], None
     for k in (1, args.in_flight):
+        # No LoRA in generation: max_lora_rank=0 spares vLLM its adapter bookkeeping (train.lora
+        # off only lifts the check that evaluate could load a DPO adapter).
         cfg = _config(root / f"e{k}", model, data, args, "generate.actors=1", "engine.backend=vllm",
-                      f"generate.batches_in_flight={k}")
+                      f"generate.batches_in_flight={k}", "train.lora.enabled=false")
         init_ray(cfg)
         name = f"e{'1' if k == 1 else 'N'}  vllm stage, {k} batch{'es' if k > 1 else ''} in flight"
         row, _ = bench_stage(cfg, 1, float("nan"), name)
