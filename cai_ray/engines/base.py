@@ -111,16 +111,22 @@ class BatchCalls:
     """``agenerate`` for an engine whose ``generate`` is one blocking batch call (hf).
 
     Concurrent calls that agree on sampling, stop strings and adapter become one ``generate``
-    call in a worker thread, one call at a time.  A call takes every request that arrived while
+    call in a worker thread, one call at a time.  A call takes the requests that arrived while
     the previous one ran, and all that arrive in the same pass of the event loop: the rows one
     call wakes ask for their next step together, so a chain step over a batch stays one call
     (whose rows share prompt KV) and its order is the rows' order.  A request never waits for
     company once the engine is free: under load the queue fills the next call by itself.
+
+    ``generate`` runs ``call_chunk`` rows at a time, and a chunk of one row costs about as
+    much as a full one, so when more than a chunk waits a call takes whole chunks and leaves
+    the rest to open the next call (a judge under load then runs full chunks back to back).
     """
 
     # Passes of the event loop a call waits while requests keep arriving; bounded so a
     # steady trickle cannot hold a call back.
     GATHER_PASSES = 8
+    # Rows generate() runs at once (hf: engine.batch_size); 0: calls take every waiting row.
+    call_chunk = 0
 
     async def agenerate(self, prompts: list[str], params: SamplingConfig, seeds: list[int] | None = None,
                         stop: list[str] | None = None, adapter: str | None = None) -> list[Completion]:
@@ -142,11 +148,21 @@ class BatchCalls:
                 await asyncio.sleep(0)
                 if len(self._queue) == seen:
                     break
+            self._queue = [r for r in self._queue if not r[3].done()]  # done: the caller gave up
+            if not self._queue:
+                break
             key = self._queue[0][2]
-            group = [r for r in self._queue if r[2] == key and not r[3].done()]  # done: caller gave up
-            self._queue = [r for r in self._queue if r[2] != key]
-            if not group:
-                continue
+            same = [r for r in self._queue if r[2] == key]
+            rows = sum(len(r[0]) for r in same)
+            limit = rows // self.call_chunk * self.call_chunk if 0 < self.call_chunk < rows else rows
+            group, used = [], 0
+            for r in same:
+                if group and used + len(r[0]) > limit:
+                    break
+                group.append(r)
+                used += len(r[0])
+            taken = {id(r) for r in group}
+            self._queue = [r for r in self._queue if id(r) not in taken]
             params, stop, adapter = key
             try:
                 outs = await asyncio.to_thread(self.generate, [p for r in group for p in r[0]], params,
@@ -169,6 +185,7 @@ class TokenizedEngine(BatchCalls):
 
     def __init__(self, model: ModelConfig, engine: EngineConfig):
         self.model_cfg, self.engine_cfg = model, engine
+        self.call_chunk = engine.batch_size
         self.path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(model, self.path)
         with_special = self.tokenizer("x").input_ids

@@ -117,7 +117,7 @@ class Streaming:
         self.ended = []
 
     async def agenerate(self, prompts, params, seeds=None, stop=None, adapter=None):
-        (prompt,), (seed,) = prompts, seeds
+        (prompt,) = prompts
         await asyncio.sleep(0.2 if "SLOW" in prompt else 0.001)
         out = Echo().generate(prompts, params, seeds, stop)
         self.ended.append(("SLOW" in prompt, prompt.rsplit("\n\n", 1)[-1]))
@@ -173,3 +173,15 @@ def test_a_failed_batch_call_fails_its_callers_only():
     assert isinstance(failed, RuntimeError) and ok[0].finish_reason == "stop"
     # A later call on a fresh event loop starts from an empty queue.
     assert asyncio.run(engine.agenerate(["again\n\nX:"], SamplingConfig()))[0].text.startswith(" X #")
+
+
+def test_batch_calls_take_whole_chunks_and_leave_the_rest_for_the_next_call():
+    engine = Echo()
+    engine.call_chunk = 2  # generate() runs 2 rows at a time: 5 waiting rows go as 4, then 1
+
+    async def main():
+        return await asyncio.gather(*(engine.agenerate([f"{i}\n\nX:"], SamplingConfig(), seeds=[i]) for i in range(5)))
+
+    outs = asyncio.run(main())
+    assert [prompts for prompts, _ in engine.calls] == [[f"{i}\n\nX:" for i in range(4)], ["4\n\nX:"]]
+    assert [c.text for (c,) in outs] == [f" X #{i}\n\nHuman: leaked" for i in range(5)]
