@@ -119,7 +119,8 @@ class BatchCalls:
 
     ``generate`` runs ``call_chunk`` rows at a time, and a chunk of one row costs about as
     much as a full one, so when more than a chunk waits a call takes whole chunks and leaves
-    the rest to open the next call (a judge under load then runs full chunks back to back).
+    the rest to open the next call: a judge under load runs full chunks back to back, and a
+    chain batch no larger than a chunk (generate.batch_size <= engine.batch_size) is never split.
     """
 
     # Passes of the event loop a call waits while requests keep arriving; bounded so a

@@ -9,8 +9,9 @@ paths validate with the same schema and return the same body:
 
 Each request goes straight to the engine's ``agenerate``, which batches across
 requests: vLLM continuously (a request joins the running batch and leaves it
-when done), hf by running whatever arrived while its previous call ran as the
-next call, with no batch timeout (a lone request starts at once).
+when done), hf by running what arrived while its previous call ran as the next
+call, in whole ``judge.engine.batch_size`` chunks, with no batch timeout (a lone
+request starts at once).
 
 The prompt format follows ``judge.model.role`` and is fixed when a replica
 starts: an instruct judge always sees the rubric's chat messages through its
