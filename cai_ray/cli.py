@@ -13,6 +13,8 @@ import os
 import sys
 import traceback
 
+from cai_ray import console
+
 # name -> (module, help).  Add a stage here when its module lands.
 STAGES: dict[str, tuple[str, str]] = {
     "generate": ("cai_ray.stages.generate",
@@ -25,6 +27,8 @@ STAGES: dict[str, tuple[str, str]] = {
                  "held-out evaluation of every arm: ASR, over-refusal, helpfulness, style with intervals"),
     "estimate": ("cai_ray.stages.estimate",
                  "tokens, device-hours and cost of each stage at the configured scale"),
+    "label": ("cai_ray.stages.label",
+              "preference labels from AI feedback (RL-CAI): two SL-CAI samples, base-model comparison"),
     "serve-judge": ("cai_ray.stages.serve_judge",
                     "run the judge on Ray Serve (HTTP on judge.host:judge.port) until Ctrl-C"),
 }
@@ -49,7 +53,10 @@ TOOLS: dict[str, tuple[str, str]] = {
     "tiny-model": ("cai_ray.tiny:main", "build the tiny offline Llama + tokenizer in a folder"),
     "submit": ("cai_ray.submit:submit_main", "submit a command to a Ray cluster as a Ray Job"),
     "jobs": ("cai_ray.submit:jobs_main", "list, inspect, follow or stop Ray Jobs"),
+    "plan": ("cai_ray.plan:plan_main", "what each stage requests against a cluster file's node types"),
 }
+UI_HELP = "browse this config's MLflow runs: starts the MLflow UI on 127.0.0.1 and prints its URL"
+UI_PORT = 5000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     for name, (_, text) in {**STAGES, **PIPELINES}.items():
         _config_args(sub.add_parser(name, help=text, description=text, epilog=EPILOGS.get(name),
                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    sub.choices["label"].add_argument(
+        "--check", action="store_true",
+        help="score the shipped check pairs (and label.check_data): feedback-model accuracy and calibration")
+    ui = sub.add_parser("ui", help=UI_HELP, description=UI_HELP)
+    _config_args(ui)
+    ui.add_argument("--port", type=int, default=None,
+                    help=f"port on 127.0.0.1 (default {UI_PORT}, or a free one when it is taken)")
     for name, (_, text) in TOOLS.items():
         # Listed for --help only; main() hands their arguments over untouched.
         sub.add_parser(name, help=text, description=text)
@@ -74,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help=f"show library and Ray worker output here instead of only in "
+                             f"{{output_dir}}/logs/ (also: {console.VERBOSE_ENV}=1)")
 
 
 def _call(target: str, *args):
@@ -81,9 +98,10 @@ def _call(target: str, *args):
     return getattr(importlib.import_module(module), func)(*args)
 
 
-def run_command(name: str, cfg) -> dict:
-    """Run a stage or a pipeline under one top-level MLflow run."""
+def run_command(name: str, cfg, **options) -> dict:
+    """Run a stage or a pipeline under one top-level MLflow run; ``options`` are a stage's flags."""
     from cai_ray.pipeline import stage_tags
+    from cai_ray.runtime import preflight
     from cai_ray.tracking import open_store
 
     # A stage or pipeline may check its inputs first (cheap checks only), so bad input stops
@@ -92,13 +110,16 @@ def run_command(name: str, cfg) -> dict:
     check = getattr(importlib.import_module(module), "check", None)
     if check is not None:
         check(cfg)
-    store = open_store(cfg, f"{cfg.name}-{name}", stage_tags(cfg, name))
+    preflight(cfg, name)  # hub setting applied and every model resolvable, before any actor starts
+    suffix = "".join(f"-{k}" for k, v in options.items() if v)
+    store = open_store(cfg, f"{cfg.name}-{name}{suffix}", stage_tags(cfg, name))
     store.log_config(cfg)
     try:
         if name in PIPELINES:
             summary = _call(PIPELINES[name][0], cfg, store)
         else:
-            summary = importlib.import_module(STAGES[name][0]).run(cfg, store)
+            with console.stage(name, f"{cfg.name}-{name}") as shown:
+                summary = shown["result"] = importlib.import_module(STAGES[name][0]).run(cfg, store, **options)
     except BaseException:
         store.end("FAILED")
         raise
@@ -122,20 +143,135 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(to_yaml(cfg), end="")
             return 0
+        if args.command == "ui":
+            return ui(cfg, args.port)
         cfg.require(args.command)
-        summary = run_command(args.command, cfg)
-        for key, value in (summary or {}).items():
-            print(f"{key}: {value}")
-        return 0
+        return _run_captured(args, cfg)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         if os.environ.get("CAI_RAY_DEBUG"):
-            traceback.print_exc()
+            console.error(traceback.format_exc().rstrip())
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"cai-ray: error: {message}", file=sys.stderr)
+        console.error(f"cai-ray: error: {message}{_log_hint()}")
         return 2
     except KeyboardInterrupt:
-        print("cai-ray: interrupted; rerun the same command to resume", file=sys.stderr)
+        console.error(f"cai-ray: interrupted; rerun the same command to resume{_log_hint()}")
         return 130
+    finally:
+        console.release()
+
+
+def _run_captured(args, cfg) -> int:
+    """The command with library output in {output_dir}/logs/ (unless verbose), then its summary."""
+    if not console.verbose_requested(args.verbose):
+        path = console.capture(cfg.output_root, args.command)
+        console.say(f"cai-ray {args.command}: library and worker output -> {_shown(path)} (--verbose shows it here)")
+    ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    try:
+        summary = run_command(args.command, cfg, **({"check": True} if getattr(args, "check", False) else {}))
+    finally:
+        # Shut down a Ray this command started while the log still catches its farewell lines.
+        ray = sys.modules.get("ray")
+        if ray is not None and not ray_was_up and ray.is_initialized():
+            ray.shutdown()
+    for key, value in (summary or {}).items():
+        print(f"{key}: {value}")
+    if args.command in PIPELINES and cfg.tracking.enabled:
+        print(f"browse the runs: cai-ray ui {args.config}" + "".join(f" {o}" for o in args.overrides))
+    return 0
+
+
+def _shown(path) -> str:
+    """A path relative to the working directory when it lies below it (shorter to read)."""
+    try:
+        return str(path.relative_to(os.getcwd()))
+    except ValueError:
+        return str(path)
+
+
+def _log_hint() -> str:
+    path = console.log_path()
+    return f" (full log: {_shown(path)})" if path else ""
+
+
+def _experiment_page(cfg, url: str) -> str:
+    """The experiment's runs table.  MLflow 3.17's UI starts in its GenAI mode whatever the experiment's
+    kind tag says; the workflowType parameter opens the model-training view instead."""
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri=cfg.tracking_uri).get_experiment_by_name(cfg.tracking.experiment)
+    page = f"experiments/{exp.experiment_id}/runs" if exp else "experiments"
+    return f"{url}/#/{page}?workflowType=machine_learning"
+
+
+def ui(cfg, port: int | None) -> int:
+    """The MLflow UI for this config's runs: a tracking server's URL, or a local UI until Ctrl-C."""
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.parse
+    import urllib.request
+
+    if cfg.tracking.uri and cfg.tracking.uri.startswith(("http://", "https://")):
+        # Not asked for the experiment id: a server that is down would keep MLflow's client retrying.
+        print(f"MLflow UI: {cfg.tracking.uri.rstrip('/')}/#/experiments?workflowType=machine_learning")
+        return 0
+    if not cfg.tracking.enabled:
+        raise ValueError("tracking.enabled=false: this config records no MLflow runs to browse")
+    db = cfg.output_root / "mlflow.db"
+    if not cfg.tracking.uri and not db.is_file():
+        raise FileNotFoundError(f"no MLflow store at {db}; run a command with this config first")
+    if port is None:
+        with socket.socket() as probe:
+            free = probe.connect_ex(("127.0.0.1", UI_PORT)) != 0
+        port = UI_PORT if free else 0
+    if port == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    logs = cfg.output_root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"ui-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", cfg.tracking_uri,
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--artifacts-destination", str(cfg.output_root / "mlartifacts")]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(log, "w") as out:
+        # Its own session: Ctrl-C reaches us, and we stop the server's whole process group.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    # Ctrl-C and `kill` stop the server too (a background job starts with SIGINT ignored).
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.default_int_handler)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the MLflow UI stopped at start (exit {proc.returncode}); see {log}")
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the MLflow UI did not answer on {url} within 120 s; see {log}")
+                time.sleep(0.5)
+        page = _experiment_page(cfg, url)
+        print(f"MLflow UI: {page}  (Ctrl-C stops it; log: {_shown(log)})", flush=True)
+        if "/runs?" in page:
+            # Stage runs nest under their command's run; a filter lists them flat, e.g. a sweep's points.
+            flat = urllib.parse.quote("tags.stage = 'evaluate'")
+            print(f"evaluate runs side by side: {page}&searchFilter={flat}", flush=True)
+        proc.wait()
+        raise RuntimeError(f"the MLflow UI stopped (exit {proc.returncode}); see {log}")
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

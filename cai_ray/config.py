@@ -41,6 +41,20 @@ def _fraction(key: str, value: float) -> None:
         raise ConfigError(f"{key}={value} must lie in [0, 1]")
 
 
+def _placement(key: str, resources: dict, labels: dict, cpu_key: str, gpu_key: str) -> None:
+    """Custom Ray resources and a node label selector requested per actor/worker/replica."""
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU"):
+            raise ConfigError(f"{key}.resources.{name}: set {cpu_key if name == 'CPU' else gpu_key} instead")
+        if not name or amount <= 0:
+            raise ConfigError(f"{key}.resources.{name}={amount} must be > 0 (a custom resource per unit; "
+                              f"'memory' is bytes of RAM)")
+    for name, value in labels.items():
+        if not name or not str(value):
+            raise ConfigError(f"{key}.labels.{name}: label selector keys and values must be non-empty "
+                              f"(e.g. {key}.labels.node-group=gen)")
+
+
 @dataclass
 class ModelConfig:
     # Hub id or local folder in Hugging Face layout.
@@ -181,6 +195,11 @@ class GenerateConfig:
     actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
+    # Placement on a cluster, on top of CPUs/GPUs: custom resources each actor requests
+    # (e.g. {generate: 1}) and a Ray node label selector (e.g. {node-group: gen}).
+    # evaluate's arm generation runs with these settings too.
+    resources: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
     batch_size: int = 16
     # Batches one actor works on at once.  With engine.backend=vllm their rows join one
     # continuously batching engine, so more of them keep it full (aim for a few hundred rows
@@ -201,6 +220,7 @@ class GenerateConfig:
         _positive(f"{key}.batch_size", self.batch_size)
         _positive(f"{key}.batches_in_flight", self.batches_in_flight)
         _positive(f"{key}.num_gpus_per_actor", self.num_gpus_per_actor, zero_ok=True)
+        _placement(key, self.resources, self.labels, f"{key}.num_cpus_per_actor", f"{key}.num_gpus_per_actor")
         _fraction(f"{key}.max_error_rate", self.max_error_rate)
         self.sampling.validate(f"{key}.sampling")
         self.quality.validate(f"{key}.quality")
@@ -229,6 +249,9 @@ class TrainConfig:
     workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Placement per worker on top of CPUs/GPUs, as in generate.resources / generate.labels.
+    resources: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
     zero_stage: int = 2
     precision: str = "fp32"
     batch_size: int = 4
@@ -240,10 +263,19 @@ class TrainConfig:
     max_failures: int = 1
     # A fresh run never picks up an older checkpoint unless this is true.
     resume: bool = False
+    # Recompute each decoder layer's activations in backward instead of keeping them:
+    # less memory, about one more forward pass of time, the same numbers.
+    gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    @property
+    def global_batch(self) -> int:
+        """Examples per optimizer step over all workers."""
+        return self.batch_size * self.grad_accum * self.workers
 
     def validate(self, key: str = "train") -> None:
         _positive(f"{key}.workers", self.workers)
+        _placement(key, self.resources, self.labels, f"{key}.cpus_per_worker", f"{key}.use_gpu")
         _choice(f"{key}.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _choice(f"{key}.precision", self.precision, ("fp32", "bf16", "fp16"))
         if self.precision == "fp16" and not self.use_gpu:
@@ -284,8 +316,11 @@ class SFTConfig:
 
 @dataclass
 class DPOConfig:
-    # (prompt, chosen, rejected[, label]) rows; None means the generate stage's pairs.
+    # (prompt, chosen, rejected[, label]) rows; None means the pairs named by ``pairs``.
     data: Optional[str] = None
+    # Without dpo.data: "revisions" (generate's revision > initial, label 1.0), "feedback"
+    # (the label stage's AI-feedback pairs, soft labels) or "both" (concatenated).
+    pairs: str = "revisions"
     # The frozen reference/starting policy; None means the sft stage's adapter.
     sft_adapter: Optional[str] = None
     loss: str = "sigmoid"
@@ -297,11 +332,69 @@ class DPOConfig:
 
     def validate(self, key: str = "dpo") -> None:
         _choice(f"{key}.loss", self.loss, ("sigmoid", "ipo", "soft"))
+        _choice(f"{key}.pairs", self.pairs, ("revisions", "feedback", "both"))
         _positive(f"{key}.beta", self.beta)
         _positive(f"{key}.lr", self.lr)
         _positive(f"{key}.epochs", self.epochs)
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"{key}.max_steps={self.max_steps} must be > 0, or -1 to run the epochs")
+
+
+@dataclass
+class LabelConfig:
+    """RL-CAI: two policy samples per harm prompt, labelled by a base feedback model."""
+
+    # Comparison questions come from this constitution; None means generate.constitution.
+    constitution: Optional[str] = None
+    # The policy sampled (on-policy for DPO): None means the DPO reference, i.e.
+    # dpo.sft_adapter if set, else the sft stage's output; or a PEFT / model folder.
+    policy: Optional[str] = None
+    # The feedback model: None is the base model (model.path), "sft" the SL-CAI policy
+    # (base + SFT adapter), anything else a model folder used with feedback_role.
+    feedback: Optional[str] = None
+    feedback_role: str = "base"
+    # Worked comparisons before each question (k).
+    few_shot: int = 2
+    # [lo, hi] bounds for the soft label, e.g. [0.4, 0.6]; None keeps the probability.
+    clamp: Optional[list[float]] = None
+    # Pairs whose averaged probability lies within this of 0.5 are dropped.
+    margin: float = 0.0
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
+    actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    batch_size: int = 16
+    max_error_rate: float = 0.05
+    # Score the check pairs first (a child run), so every set of labels comes with the
+    # feedback model's measured accuracy; `label --check` runs only that.
+    check: bool = True
+    # Extra (prompt, chosen, rejected) jsonl files for the check, beside the shipped set.
+    check_data: list[str] = field(default_factory=list)
+    # Placement per actor on top of CPUs/GPUs, as in generate.resources / generate.labels.
+    resources: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def validate(self, key: str = "label") -> None:
+        _choice(f"{key}.feedback_role", self.feedback_role, ("base", "instruct"))
+        if self.feedback_role == "instruct":
+            raise ConfigError(f"{key}.feedback_role=instruct is refused: no instruct model enters the "
+                              f"training data; use a base model or {key}.feedback=sft")
+        if self.feedback == "":
+            raise ConfigError(f"{key}.feedback is empty; leave it unset (base model), or set sft or a folder")
+        _positive(f"{key}.few_shot", self.few_shot, zero_ok=True)
+        if self.clamp is not None:
+            if len(self.clamp) != 2 or not 0 <= self.clamp[0] <= 0.5 <= self.clamp[1] <= 1 \
+                    or self.clamp[0] == self.clamp[1]:
+                raise ConfigError(f"{key}.clamp={list(self.clamp)} must be [lo, hi] with "
+                                  f"0 <= lo <= 0.5 <= hi <= 1 and lo < hi, e.g. [0.4, 0.6]")
+        if not 0 <= self.margin < 0.5:
+            raise ConfigError(f"{key}.margin={self.margin} must lie in [0, 0.5)")
+        for name in ("actors", "batch_size"):
+            _positive(f"{key}.{name}", getattr(self, name))
+        _positive(f"{key}.num_gpus_per_actor", self.num_gpus_per_actor, zero_ok=True)
+        _fraction(f"{key}.max_error_rate", self.max_error_rate)
+        self.sampling.validate(f"{key}.sampling")
+        _placement(key, self.resources, self.labels, f"{key}.num_cpus_per_actor", f"{key}.num_gpus_per_actor")
 
 
 @dataclass
@@ -314,6 +407,9 @@ class JudgeConfig:
     replicas: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # Placement per replica on top of CPUs/GPUs, as in generate.resources / generate.labels.
+    resources: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 8321
     # Requests each evaluate scorer keeps in flight, so the replicas' engines can batch them
@@ -334,6 +430,7 @@ class JudgeConfig:
 
         _choice(f"{key}.harm_rubric", self.harm_rubric, HARM_RUBRICS)
         _positive(f"{key}.replicas", self.replicas)
+        _placement(key, self.resources, self.labels, f"{key}.num_cpus", f"{key}.num_gpus")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"{key}.port={self.port} must lie in 1..65535")
         for name in ("max_batch_size", "max_ongoing_requests", "max_queued_requests", "max_request_chars"):
@@ -450,6 +547,36 @@ class EvaluateConfig:
 
 
 @dataclass
+class IterateConfig:
+    """`run`'s RL-CAI iterations: sample from the current policy -> label -> DPO from it, repeated,
+    stopping early when the harm metric stops improving or a cost crosses its limit."""
+
+    iterations: int = 1
+    # The harm metric (an evaluate report key, lower is better: asr or asr_keyword).  An iteration
+    # that lowers it by less than min_improvement, with its interval overlapping the previous
+    # policy's, is the last one.
+    metric: str = "asr"
+    min_improvement: float = 0.02
+    # Costs: stop once over-refusal rises above, or helpfulness falls below, its limit (None: no limit).
+    over_refusal_metric: str = "over_refusal"
+    max_over_refusal: Optional[float] = None
+    helpfulness_metric: str = "helpfulness"
+    min_helpfulness: Optional[float] = None
+
+    def validate(self, key: str = "iterate") -> None:
+        _positive(f"{key}.iterations", self.iterations)
+        _choice(f"{key}.metric", self.metric, ("asr", "asr_keyword"))
+        _choice(f"{key}.over_refusal_metric", self.over_refusal_metric, ("over_refusal", "over_refusal_keyword"))
+        _choice(f"{key}.helpfulness_metric", self.helpfulness_metric, ("helpfulness", "cap_helpfulness"))
+        if not -1.0 <= self.min_improvement <= 1.0:
+            raise ConfigError(f"{key}.min_improvement={self.min_improvement} must lie in [-1, 1]")
+        if self.max_over_refusal is not None:
+            _fraction(f"{key}.max_over_refusal", self.max_over_refusal)
+        if self.min_helpfulness is not None and not 1.0 <= self.min_helpfulness <= 5.0:
+            raise ConfigError(f"{key}.min_helpfulness={self.min_helpfulness} must lie in [1, 5] (a judge score)")
+
+
+@dataclass
 class SweepConfig:
     sizes: list[int] = field(default_factory=lambda: [42, 1000, 10000, 161000])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -470,10 +597,11 @@ class EstimateConfig:
 
     # Prompts to generate from; None counts what data.source yields (after data.limit).
     prompts: Optional[int] = None
-    # Measure generation on the configured engine with a few prompts instead of trusting
-    # generate_tokens_per_s.
-    calibrate: bool = True
-    calibration_prompts: int = 8
+    # Measure generation instead of trusting generate_tokens_per_s: one Ray task with the
+    # generation resources (on the cluster when attached) runs the chain on the engine.
+    calibrate: bool = False
+    # Prompts measured; None means one actor batch (generate.batch_size), the real batch size.
+    calibration_prompts: Optional[int] = None
     # Processed tokens (prompt + completion) per second per device.
     generate_tokens_per_s: float = 20000.0
     train_tokens_per_s: float = 6000.0
@@ -484,7 +612,8 @@ class EstimateConfig:
     def validate(self, key: str = "estimate") -> None:
         if self.prompts is not None:
             _positive(f"{key}.prompts", self.prompts)
-        _positive(f"{key}.calibration_prompts", self.calibration_prompts)
+        if self.calibration_prompts is not None:
+            _positive(f"{key}.calibration_prompts", self.calibration_prompts)
         for name in ("generate_tokens_per_s", "train_tokens_per_s", "judge_tokens_per_s"):
             _positive(f"{key}.{name}", getattr(self, name))
         _positive(f"{key}.device_hour_cost", self.device_hour_cost, zero_ok=True)
@@ -493,13 +622,24 @@ class EstimateConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    # None means sqlite:///{output_dir}/mlflow.db.
+    # None means sqlite:///{output_dir}/mlflow.db; on a cluster, the MLflow server on the
+    # head (jobs/mlflow_server.sh), e.g. http://HEAD_IP:5000.
     uri: Optional[str] = None
     experiment: str = "cai_ray"
+    # Where a new experiment keeps its artifacts.  None: {output_dir}/mlartifacts for a local
+    # store, the server's own artifact destination for an http(s) tracking server.
+    artifact_root: Optional[str] = None
+    # A failed tracking call is retried this many times with backoff (0.5 s, 1 s, 2 s, ...);
+    # if it still fails, its points are dropped and counted, never failing the work, and
+    # calls in the next pause_s seconds are dropped at once before the store is tried again.
+    retries: int = 4
+    pause_s: float = 30.0
 
     def validate(self, key: str = "tracking") -> None:
         if not self.experiment:
             raise ConfigError(f"{key}.experiment is empty; name the MLflow experiment")
+        _positive(f"{key}.retries", self.retries, zero_ok=True)
+        _positive(f"{key}.pause_s", self.pause_s, zero_ok=True)
 
 
 @dataclass
@@ -513,10 +653,18 @@ class RuntimeConfig:
     temp_dir: Optional[str] = None
     # Ray Train storage; None means {output_dir}/ray_storage.  Made absolute.
     storage_path: Optional[str] = None
+    # Model hub access for the driver and every worker: true never downloads, false lets
+    # workers download (HF_TOKEN and HF_HOME are forwarded), None follows HF_HUB_OFFLINE
+    # in the driver's environment (online unless it is set to 1).
+    offline: Optional[bool] = None
+    # A stage whose actors/workers no node can host (a resource or label nobody offers)
+    # fails after waiting this long for the cluster (or its autoscaler) to provide them.
+    placement_timeout_s: float = 600.0
 
     def validate(self, key: str = "runtime") -> None:
         if self.num_cpus is not None:
             _positive(f"{key}.num_cpus", self.num_cpus)
+        _positive(f"{key}.placement_timeout_s", self.placement_timeout_s, zero_ok=True)
 
 
 @dataclass
@@ -531,8 +679,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -545,12 +695,16 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
-        # The exported DPO adapter stacks the SFT and DPO LoRAs (rank 2r); vLLM refuses
-        # adapters above its max_lora_rank, so say so now rather than in evaluate.
-        need = 2 * self.train.lora.r
+        if self.iterate.iterations > 1 and self.dpo.pairs == "revisions":
+            raise ConfigError(f"iterate.iterations={self.iterate.iterations} needs pairs from the current policy; "
+                              f"set dpo.pairs=feedback or both (revision pairs never change)")
+        # The exported DPO adapter stacks the SFT and DPO LoRAs (rank 2r, one r more per iteration);
+        # vLLM refuses adapters above its max_lora_rank, so say so now rather than in evaluate.
+        need = (1 + self.iterate.iterations) * self.train.lora.r
         if self.engine.backend == "vllm" and self.train.lora.enabled and self.engine.max_lora_rank < need:
-            raise ConfigError(f"engine.max_lora_rank={self.engine.max_lora_rank} is below 2 x train.lora.r="
-                              f"{need} (the DPO adapter's rank); set engine.max_lora_rank={need} or more")
+            raise ConfigError(f"engine.max_lora_rank={self.engine.max_lora_rank} is below (1 + iterate.iterations) "
+                              f"x train.lora.r={need} (the last DPO adapter's rank); set engine.max_lora_rank={need} "
+                              f"or more")
         return self
 
     def require(self, stage: str) -> "Config":
@@ -558,6 +712,9 @@ class Config:
         if stage in ("evaluate", "serve-judge", "run", "sweep") and not self.judge.model.path:
             raise ConfigError("judge.model.path is empty; the evaluate stage needs a judge model "
                               "(set judge.model.path=... and judge.model.role=instruct|base)")
+        if stage == "label" and self.model.role == "instruct" and self.label.feedback in (None, "sft"):
+            raise ConfigError(f"label.feedback={self.label.feedback or 'unset'} means model.path, an instruct "
+                              f"model (model.role=instruct); the feedback model must be a base model")
         return self
 
     @property
@@ -623,15 +780,24 @@ STAGE_SECTIONS = {
     "sft": ("seed", "model", "train", "sft"),
     "dpo": ("seed", "model", "train", "dpo"),
     "evaluate": ("seed", "model", "engine", "judge", "evaluate"),
+    # Upstream: the policy (the sft output), the feedback model and the constitution's content.
+    "label": ("seed", "model", "engine", "data", "label"),
 }
 RESOURCE_KEYS = {
     "engine": ("batch_size", "tensor_parallel_size", "gpu_memory_utilization", "cpu_kv_cache_gib"),
-    "generate": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size", "batches_in_flight"),
-    # ZeRO only shards the same computation; precision, in contrast, changes the numbers.
+    "generate": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size", "batches_in_flight",
+                 "resources", "labels"),
+    # ZeRO and gradient checkpointing change memory, not numbers; precision changes the numbers.
+    # How the global batch is split (per-worker batch x accumulation x workers) is a resource
+    # too: the hash keeps the product, and every split gives each step the same examples.
     "train": ("workers", "use_gpu", "cpus_per_worker", "max_failures", "resume", "log_every",
-              "checkpoint_every", "zero_stage"),
+              "checkpoint_every", "zero_stage", "gradient_checkpointing", "batch_size", "grad_accum",
+              "resources", "labels"),
     "judge": ("replicas", "num_cpus", "num_gpus", "host", "port", "max_ongoing_requests",
-              "max_queued_requests"),
+              "max_queued_requests", "resources", "labels"),
+    # The check measures the feedback model; it never changes the labels.
+    "label": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size", "check", "check_data",
+              "resources", "labels"),
 }
 
 
@@ -646,6 +812,8 @@ def stage_hash(cfg: Config, stage: str, upstream: tuple[str, ...] = ()) -> str:
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in RESOURCE_KEYS.get(name, ())}
         picked[name] = value
+    if "train" in picked:
+        picked["global_batch"] = cfg.train.global_batch
     picked["upstream"] = list(upstream)
     blob = json.dumps(picked, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

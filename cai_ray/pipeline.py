@@ -10,6 +10,7 @@ resumes the first unfinished stage.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -20,10 +21,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cai_ray.config import STAGE_SECTIONS, ArmConfig, Config, EvalSetConfig, stage_dir, stage_hash
+from cai_ray import console
+from cai_ray.config import (STAGE_SECTIONS, ArmConfig, Config, EvalSetConfig, IterateConfig, stage_dir,
+                            stage_hash, to_dict)
 from cai_ray.evaluation.rating import judge_scope, judge_starts
 from cai_ray.evaluation.sets import load_eval_sets
-from cai_ray.tracking import Store, stage_run, write_atomic
+from cai_ray.tracking import Store, flatten, stage_run, write_atomic
 
 PIPELINE = ("generate", "sft", "dpo", "evaluate")
 SWEEP_METRICS = ("asr", "asr_keyword", "over_refusal", "helpfulness")
@@ -60,12 +63,25 @@ def _inputs(cfg: Config, stage: str) -> list[tuple[Path, str]]:
     return [(path, dataset) for path, dataset in named if path.is_file()]
 
 
+def stage_params(cfg: Config, stage: str, **point) -> dict:
+    """A child run's params: the config sections that decide its stage, plus a sweep point's coordinates,
+    so MLflow's runs table and charts compare runs by column."""
+    full = to_dict(cfg)
+    params = flatten({name: full[name] for name in STAGE_SECTIONS.get(stage, ())})
+    if "size" in point:
+        # dpo.pairs (revisions | feedback | both) where the config has it; revision pairs before that.
+        source = getattr(cfg.dpo, "pairs", "revisions") if point["size"] else "none (SFT baseline)"
+        params.update(size=point["size"], seed=point["seed"], pair_source=source)
+    return params
+
+
 def _child(parent: Store, cfg: Config, stage: str, name: str, run_kwargs: dict | None = None, **tags) -> dict:
-    print(f"== {name}", flush=True)
-    with stage_run(parent, name, stage_tags(cfg, stage, **tags)) as child:
+    with console.stage(stage, name) as shown, stage_run(parent, name, stage_tags(cfg, stage, **tags)) as child:
+        child.log_params(stage_params(cfg, stage, **tags))
         for path, dataset in _inputs(cfg, stage):
             child.log_dataset(path, dataset, "training")
-        return _stage(stage).run(cfg, child, **(run_kwargs or {}))
+        shown["result"] = _stage(stage).run(cfg, child, **(run_kwargs or {}))
+        return shown["result"]
 
 
 def _resumable(cfg: Config) -> Config:
@@ -96,7 +112,8 @@ def run(cfg: Config, store: Store) -> dict:
     cfg = _with_capability_set(_resumable(cfg))
     results = {"generate": _child(store, cfg, "generate", f"{cfg.name}-generate")}
     link = {"generate_run": results["generate"].get("mlflow_run_id") or ""}
-    for stage in ("sft", "dpo"):
+    stages = ("sft", "dpo") if cfg.dpo.pairs == "revisions" else ("sft", "label", "dpo")
+    for stage in stages:
         results[stage] = _child(store, cfg, stage, f"{cfg.name}-{stage}", **link)
     cfg = copy.deepcopy(cfg)
     if not any(a.adapter for a in cfg.evaluate.arms):
@@ -105,7 +122,89 @@ def run(cfg: Config, store: Store) -> dict:
                              ArmConfig(name="dpo", adapter=results["dpo"]["adapter"])]
     results["evaluate"] = _child(store, cfg, "evaluate", f"{cfg.name}-evaluate")
     store.set_tags({"outputs": json.dumps({k: v.get("output") for k, v in results.items()})})
-    return {stage: r.get("output") for stage, r in results.items()}
+    summary = {stage: r.get("output") for stage, r in results.items()}
+    if cfg.iterate.iterations > 1:
+        summary.update(_iterate(store, cfg, results))
+    return summary
+
+
+def stop_reason(it: IterateConfig, prev: dict, cur: dict) -> str | None:
+    """Why no further iteration should run after the policy with metrics ``cur`` (None: go on).
+
+    The harm metric must fall by at least iterate.min_improvement, or by less but with intervals
+    that no longer overlap; an undefined metric stops (nothing to compare), as does a cost past its
+    limit.  Both policies' numbers come from the same eval sets, so this is model selection on them:
+    publish on a set the stop rule never saw.
+    """
+    before, now = _value(prev, it.metric), _value(cur, it.metric)
+    if before is None or now is None:
+        return f"{it.metric} is undefined (n/a), so iterations cannot be compared"
+    a, b = prev[it.metric], cur[it.metric]
+    overlap = None in (a["lo"], b["lo"]) or (b["lo"] <= a["hi"] and a["lo"] <= b["hi"])
+    if before - now < it.min_improvement and overlap:
+        return (f"{it.metric} fell by {before - now:+.3f} < iterate.min_improvement={it.min_improvement} "
+                f"with overlapping intervals")
+    refusal, helpful = _value(cur, it.over_refusal_metric), _value(cur, it.helpfulness_metric)
+    if it.max_over_refusal is not None and refusal is not None and refusal > it.max_over_refusal:
+        return f"{it.over_refusal_metric} {refusal:.3f} > iterate.max_over_refusal={it.max_over_refusal}"
+    if it.min_helpfulness is not None and helpful is not None and helpful < it.min_helpfulness:
+        return f"{it.helpfulness_metric} {helpful:.2f} < iterate.min_helpfulness={it.min_helpfulness}"
+    return None
+
+
+def _iterate(store: Store, cfg: Config, results: dict) -> dict:
+    """Iterations 2..N, each a child run: label samples from the last policy, DPO starts from it and
+    keeps it as the reference, evaluate scores the new policy; early stop after any iteration."""
+    report = json.loads((Path(results["evaluate"]["output"]) / "report.json").read_text())
+    curve = [report["arms"]["sft"]["metrics"], report["arms"]["dpo"]["metrics"]]
+    policies = [results["sft"]["adapter"], results["dpo"]["adapter"]]
+    loaded = _stage("evaluate").load_sets(cfg)
+    stop = stop_reason(cfg.iterate, curve[0], curve[1])
+    while stop is None and len(curve) <= cfg.iterate.iterations:
+        k = len(curve)
+        step = copy.deepcopy(cfg)
+        step.name, step.label.policy, step.dpo.sft_adapter = f"{cfg.name}-it{k}", policies[-1], policies[-1]
+        with stage_run(store, step.name, {"stage": "iteration", "iteration": k}) as it_store:
+            _child(it_store, step, "label", f"{step.name}-label")
+            dpo = _child(it_store, step, "dpo", f"{step.name}-dpo")
+            curve.append(_evaluate(it_store, step, f"{step.name}-evaluate", ArmConfig(name=f"it{k}",
+                                                                                     adapter=dpo["adapter"]), loaded))
+        policies.append(dpo["adapter"])
+        stop = stop_reason(cfg.iterate, curve[-2], curve[-1])
+    _log_iterations(store, cfg.iterate, curve, stop)
+    if stop:
+        console.say(f"run: stopped after iteration {len(curve) - 1} of {cfg.iterate.iterations}: {stop}")
+    return {"iterations_run": len(curve) - 1, "stop_reason": stop or "all iterations ran", "policy": policies[-1]}
+
+
+def _log_iterations(store: Store, it: IterateConfig, curve: list[dict], stop: str | None) -> None:
+    """The per-iteration curve on the parent run: metrics by step (0 = the SFT policy) and a plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = dict.fromkeys((it.metric, it.over_refusal_metric, it.helpfulness_metric))
+    for k, metrics in enumerate(curve):
+        values = {}
+        for n in names:
+            entry = metrics.get(n) or {}
+            values.update({f"iteration/{n}": _value(metrics, n), f"iteration/{n}_lo": entry.get("lo"),
+                           f"iteration/{n}_hi": entry.get("hi")})
+        store.log_metrics(values, step=k)
+    store.set_tags({"iterate.stopped": stop or "all iterations ran", "iterate.iterations_run": len(curve) - 1})
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
+    for ax, name in zip(axes, names):
+        shown = [(k, m[name]) for k, m in enumerate(curve) if _value(m, name) is not None]
+        ys = [_value({name: e}, name) for _, e in shown]
+        err = [[y - (e["lo"] if e["lo"] is not None else y) for (_, e), y in zip(shown, ys)],
+               [(e["hi"] if e["hi"] is not None else y) - y for (_, e), y in zip(shown, ys)]]
+        ax.errorbar([k for k, _ in shown], ys, yerr=err, marker="o", capsize=3)
+        ax.set_xlabel("iteration (0 = SFT policy)")
+        ax.set_title(name)
+    fig.tight_layout()
+    store.log_figure(fig, "iterations.png")
+    plt.close(fig)
 
 
 def nested_subsets(pairs: Path, sizes: list[int], seed: int, out: Path) -> dict[int, Path]:
@@ -146,7 +245,7 @@ def _evaluate(parent: Store, cfg: Config, name: str, arm: ArmConfig, loaded: tup
 def _dpo_point(parent: Store, cfg: Config, sft_adapter: str, subset: Path, size: int, seed: int,
                generate_run: str) -> tuple[Config, dict, dict]:
     point = _point_config(cfg, sft_adapter, subset, size, seed)
-    tags = {"size": size, "seed": seed, "generate_run": generate_run}
+    tags = {"size": size, "seed": seed, "generate_run": generate_run, "pairs": cfg.dpo.pairs}
     return point, tags, _child(parent, point, "dpo", f"{point.name}-dpo", **tags)
 
 
@@ -209,12 +308,20 @@ def sweep(cfg: Config, store: Store) -> dict:
     cfg = _resumable(cfg)
     generate = _child(store, cfg, "generate", f"{cfg.name}-generate")
     sft = _child(store, cfg, "sft", f"{cfg.name}-sft")
-    pairs = Path(generate["output"]) / "pairs.parquet"
+    if cfg.dpo.pairs != "revisions":
+        _child(store, cfg, "label", f"{cfg.name}-label")
+    from cai_ray.train.data import dpo_source, fingerprint
+
+    # The points' DPO reads the subsets; the full set is the one dpo.pairs names.
+    pairs = Path(dpo_source(dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, data=None))))
     available = pq.read_metadata(pairs).num_rows
     sizes, clipped = sweep_sizes(cfg.sweep.sizes, available)
     if not sizes:
         raise RuntimeError(f"sweep: the generate stage produced no pairs ({pairs})")
-    root = stage_dir(cfg, "generate").parent.parent / "sweep" / Path(generate["output"]).name
+    # Subsets are cut from one pair file: name their folder by it (as before for revision pairs).
+    source = Path(generate["output"]).name if cfg.dpo.pairs == "revisions" \
+        else f"{cfg.dpo.pairs}-{fingerprint(str(pairs))[:12]}"
+    root = stage_dir(cfg, "generate").parent.parent / "sweep" / source
     jobs = [(n, path, seed) for seed in cfg.sweep.seeds
             for n, path in nested_subsets(pairs, sizes, seed, root).items()]
     generate_run = generate.get("mlflow_run_id") or ""

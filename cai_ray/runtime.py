@@ -1,33 +1,50 @@
-"""Start a private local Ray, or attach to a cluster, with safe defaults.
+"""What a run needs from its environment: Ray (local or a cluster), placement, hub access.
 
 Local Ray 2.60 binds every interface and advertises the machine's external
 address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is set in the driver and
 in the workers' environment; with it, every port stays on 127.0.0.1 (which also
 keeps torch.distributed's MASTER_ADDR on loopback).  Workers do not inherit the
-driver's MLflow URI or offline flags, so we pass them in ``runtime_env``.
+driver's MLflow URI or hub settings, so we pass them in ``runtime_env``.
+
+Placement: each stage's units (actors, train workers, judge replicas) request
+CPUs/GPUs plus the custom resources and node labels its config section names.
+Before a stage starts them, ``placement`` checks that the cluster can hold them
+all, waiting up to ``runtime.placement_timeout_s`` for an autoscaler, so a
+resource no node offers ends in one line instead of a stage waiting forever.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+from cai_ray import console
+from cai_ray.plan import NodeType, Request, check, request
 
 # Settings from PROBE.md that every Ray process of ours should see.
 BASE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_CHDIR_TO_TRIAL_DIR": "0",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "PYTHONWARNINGS": "ignore::DeprecationWarning",
 }
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_HOST_IP": "127.0.0.1"}
+OFFLINE_KEYS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+OFFLINE_ENV = {key: "1" for key in OFFLINE_KEYS}
+# Hub credentials and cache location, forwarded to workers when the driver has them.
+# HF_TOKEN then travels in the runtime_env, which the Ray dashboard shows to its users.
+HUB_FORWARD = ("HF_TOKEN", "HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+# Set by init_ray: whether this process attached to a cluster, and how long placement waits.
+_session = {"attached": False, "timeout_s": 0.0}
 
 
 def cluster_address(cfg: Any) -> str | None:
@@ -35,16 +52,101 @@ def cluster_address(cfg: Any) -> str | None:
     return cfg.runtime.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def worker_env(cfg: Any, local: bool) -> dict[str, str]:
-    """Environment for every Ray worker of a run.
+# ---------------------------------------------------------------- hub access
 
-    Online hub access is kept only when the user's shell explicitly allows it
-    (HF_HUB_OFFLINE=0), so tests and the quickstart can never download.
-    """
-    env = dict(BASE_ENV)
-    if os.environ.get("HF_HUB_OFFLINE") == "0":
-        for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-            env[key] = "0"
+
+def hub_offline(cfg: Any) -> bool:
+    if cfg.runtime.offline is not None:
+        return cfg.runtime.offline
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_env(cfg: Any) -> dict[str, str]:
+    """Offline flags set both ways (explicit), plus the driver's hub credentials and cache."""
+    flag = "1" if hub_offline(cfg) else "0"
+    env = {key: flag for key in OFFLINE_KEYS}
+    env.update({key: os.environ[key] for key in HUB_FORWARD if os.environ.get(key)})
+    return env
+
+
+def apply_hub_env(cfg: Any) -> None:
+    """The driver follows the same hub setting as its workers."""
+    os.environ.update(hub_env(cfg))
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:  # read once at import; a later change needs the module updated too
+        constants.HF_HUB_OFFLINE = hub_offline(cfg)
+
+
+def _models(cfg: Any, command: str) -> list[tuple[str, Any]]:
+    """(config key, ModelConfig) of every model the command loads."""
+    from cai_ray.config import ModelConfig
+
+    every = command in ("run", "sweep")
+    out = [("model.path", cfg.model)] if command != "serve-judge" else []
+    if every or command == "evaluate":
+        out += [(f"evaluate.arms[{i}].model", ModelConfig(path=arm.model, role=arm.role))
+                for i, arm in enumerate(cfg.evaluate.arms) if arm.model]
+    if (every or command in ("evaluate", "serve-judge")) and cfg.judge.model.path:
+        out.append(("judge.model.path", cfg.judge.model))
+    label = getattr(cfg, "label", None)
+    feedback = getattr(label, "feedback", None)
+    if (every or command == "label") and feedback and feedback != "sft":
+        out.append(("label.feedback", ModelConfig(path=feedback, role=getattr(label, "feedback_role", "base"))))
+    return out
+
+
+def check_model(key: str, model: Any, offline: bool) -> str:
+    """A local folder with weights config and tokenizer, or a hub id that resolves; else one line."""
+    path = str(model.path or "")
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file() or not any((local / f).is_file() for f in TOKENIZER_FILES):
+            raise ValueError(f"{key}={path}: folder has no config.json or no tokenizer file; "
+                             f"is it a model saved with save_pretrained?")
+        return str(local.resolve())
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or not path:
+        raise ValueError(f"{key}={path}: no such folder (and not a hub id like org/name)")
+    return _check_hub(key, path, model.revision, offline)
+
+
+def _check_hub(key: str, repo: str, revision: str | None, offline: bool) -> str:
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if offline:
+        cached = {name for name in ("config.json", *TOKENIZER_FILES)
+                  if isinstance(try_to_load_from_cache(repo, name, revision=revision), str)}
+        if "config.json" not in cached or not cached & set(TOKENIZER_FILES):
+            where = os.environ.get("HF_HOME", "~/.cache/huggingface")
+            raise ValueError(f"{key}={repo}: hub access is off (runtime.offline / HF_HUB_OFFLINE) and its config "
+                             f"or tokenizer is not in the local hub cache ({where}); download it first or set "
+                             f"runtime.offline=false")
+        return repo
+    api = HfApi()
+    try:
+        api.auth_check(repo)  # gated repos: refused unless HF_TOKEN has access
+        files = {s.rfilename for s in api.model_info(repo, revision=revision).siblings or []}
+    except Exception as exc:  # noqa: BLE001 - any hub failure becomes the one line below
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"{key}={repo}: not resolvable on the hub ({type(exc).__name__}: {reason}); check "
+                         f"the id, HF_TOKEN access, the network, or set runtime.offline=true") from None
+    if "config.json" not in files or not files & set(TOKENIZER_FILES):
+        raise ValueError(f"{key}={repo}: the hub repo has no config.json or no tokenizer file")
+    return repo
+
+
+def preflight(cfg: Any, command: str) -> list[str]:
+    """Before any actor starts: hub setting applied, every model the command loads resolvable."""
+    apply_hub_env(cfg)
+    offline = hub_offline(cfg)
+    return [check_model(key, model, offline) for key, model in _models(cfg, command)]
+
+
+# ---------------------------------------------------------------- Ray
+
+
+def worker_env(cfg: Any, local: bool) -> dict[str, str]:
+    """Environment for every Ray worker of a run."""
+    env = {**BASE_ENV, **hub_env(cfg)}
     if local and cfg.runtime.loopback:
         env.update(LOOPBACK_ENV)
     if cfg.tracking.enabled:
@@ -71,6 +173,8 @@ def init_ray(cfg: Any, **overrides: Any) -> dict[str, str]:
     # The driver needs the same settings as the workers, before ray starts.
     for key, value in env.items():
         os.environ.setdefault(key, value)
+    apply_hub_env(cfg)
+    _session.update(attached=address is not None, timeout_s=cfg.runtime.placement_timeout_s)
     import ray
     from ray._private import ray_constants
 
@@ -87,6 +191,7 @@ def init_ray(cfg: Any, **overrides: Any) -> dict[str, str]:
         # keeps its working_dir and pip, ours adds the workers' environment.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **overrides)
+        console.route_worker_output()
         return env
     kwargs: dict[str, Any] = dict(address="local", num_cpus=cfg.runtime.num_cpus,
                                   num_gpus=cfg.runtime.num_gpus, _temp_dir=_temp_dir(cfg),
@@ -95,4 +200,57 @@ def init_ray(cfg: Any, **overrides: Any) -> dict[str, str]:
         kwargs["_node_ip_address"] = "127.0.0.1"
     kwargs.update(overrides)
     ray.init(**kwargs)
+    # Worker output still reaches this process (log_to_driver), but into the command's log file.
+    console.route_worker_output()
     return env
+
+
+def live_nodes() -> list[NodeType]:
+    """The alive nodes of the connected Ray, one NodeType each."""
+    import ray
+
+    return [NodeType(n["NodeID"][:8], 1, dict(n["Resources"]), dict(n.get("Labels") or {}))
+            for n in ray.nodes() if n["Alive"]]
+
+
+def placement(stage: str, section: Any, count: int | None = None) -> Request:
+    """What one unit of ``stage`` requests (``.ray_options()``, ``.bundle()``, ``.labels``), once the
+    connected Ray can hold all ``section``'s units (or ``count`` of them); else one line after
+    runtime.placement_timeout_s.
+
+    ``stage`` is generate, label, train or judge, ``section`` its config section (evaluate's arm
+    generation uses ``placement("generate", cfg.generate)``).  On the private local Ray, custom
+    resources and labels are dropped: they only choose between nodes, and there is one.
+    """
+    req = request(stage, section)
+    req.count = count or req.count
+    if not _session["attached"]:
+        req.resources, req.labels = {}, {}
+    problem = check(req, live_nodes())
+    if problem is None:
+        return req
+    timeout = _session["timeout_s"] if _session["attached"] else 0.0
+    if timeout > 0 and req.bundle():
+        if _wait_for_room(req, timeout):
+            return req
+        problem = check(req, live_nodes()) or problem
+    raise RuntimeError(f"{problem}; waited {timeout:.0f}s (runtime.placement_timeout_s)")
+
+
+def _wait_for_room(req: Request, timeout: float) -> bool:
+    """Ask for the units as a placement group (an autoscaler sees the demand and adds nodes),
+    until the group is ready or the nodes' totals fit; the group is removed either way."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    selector = [dict(req.labels)] * req.count if req.labels else None
+    group = placement_group([req.bundle()] * req.count, strategy="PACK", bundle_label_selector=selector)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if group.wait(max(0.1, min(5.0, deadline - time.monotonic()))):
+                return True
+            if check(req, live_nodes()) is None:  # room exists, held by other work for now
+                return True
+        return False
+    finally:
+        remove_placement_group(group)

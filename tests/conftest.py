@@ -6,9 +6,9 @@ process the tests start stays on 127.0.0.1 and nothing reaches a hub.
 
 import os
 
-from cai_ray.runtime import BASE_ENV, LOOPBACK_ENV
+from cai_ray.runtime import BASE_ENV, LOOPBACK_ENV, OFFLINE_ENV
 
-for _key, _value in {**BASE_ENV, **LOOPBACK_ENV}.items():
+for _key, _value in {**BASE_ENV, **OFFLINE_ENV, **LOOPBACK_ENV}.items():
     os.environ.setdefault(_key, _value)
 
 import pytest  # noqa: E402

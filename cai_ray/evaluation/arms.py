@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cai_ray import quality
+from cai_ray import console, quality
 from cai_ray.config import ArmConfig, Config, ModelConfig
 from cai_ray.constitution.fewshot import HELPFUL_EXAMPLES
 from cai_ray.constitution.format import SEPARATOR, clean, conversation_prompt, spaced, stops_for
@@ -150,15 +150,21 @@ def generate_arm(cfg: Config, name: str, arm: dict, items: list[dict]) -> list[d
     import ray
 
     from cai_ray.evaluation.rating import plain
+    from cai_ray.runtime import placement
 
     g = cfg.generate
     blocks = max(1, -(-len(items) // g.batch_size))
+    actors = min(g.actors, blocks)
     ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         ArmGenerator, fn_constructor_kwargs={"cfg": cfg, "arm": arm}, batch_size=g.batch_size,
         # Autoscaling from one actor: a judge kept up by a sweep may hold part of the resources.
-        batch_format="pandas", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(g.actors, blocks)),
-        num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor or None)
-    rows = [{**plain(r), "arm": name} for r in ds.take_all()]
+        batch_format="pandas", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        **placement("generate", g, count=actors).ray_options())
+    rows: list[dict] = []
+    with console.progress(f"evaluate: {name}", total=len(items), unit="responses") as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            rows += [{**plain(r), "arm": name} for r in batch.to_dict("records")]
+            bar.advance(len(batch))
     if len(rows) != len(items):
         raise RuntimeError(f"evaluate: arm {name} returned {len(rows)} responses for {len(items)} prompts")
     return rows

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import pandas as pd
 
+from cai_ray import console
 from cai_ray.config import Config, JudgeConfig
 from cai_ray.evaluation.sets import ratings_for
 from cai_ray.judge.refusal import RATER as KEYWORD
@@ -157,7 +158,11 @@ def judge_requests(cfg: Config, requests: list[dict]) -> dict[str, dict]:
             JudgeScorer, fn_constructor_kwargs={"max_in_flight": j.max_batch_size}, batch_size=per_block,
             batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=min(blocks, 2 * j.replicas)),
             num_cpus=0)
-        got = {r["key"]: plain(r) for r in ds.take_all()}
+        got: dict[str, dict] = {}
+        with console.progress("evaluate: judge", total=len(requests), unit="verdicts") as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+                got.update((r["key"], plain(r)) for r in batch.to_dict("records"))
+                bar.advance(len(batch))
     lost = {**_FAILED, "error": "verdict lost in the scoring pipeline"}
     return {r["key"]: got.get(r["key"], lost) for r in requests}
 

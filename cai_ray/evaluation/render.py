@@ -20,8 +20,9 @@ COLUMNS = {"harm": ("asr", "asr_keyword"),
            "benign": ("over_refusal", "over_refusal_keyword", "helpfulness"),
            "style": ("style",),
            "capability": ("cap_helpfulness", "ref_logprob")}
-# Safety and capability keys set side by side in the alignment-tax lines.
-TAX = ("asr", "asr_keyword", "over_refusal_keyword", "cap_helpfulness", "ref_logprob")
+# Differences are printed safety first, then capability: the alignment tax reads left to right.
+ORDER = ("asr", "asr_keyword", "over_refusal", "over_refusal_keyword", "helpfulness", "cap_helpfulness",
+         "ref_logprob", "style")
 
 
 def _label(key: str) -> str:
@@ -73,15 +74,21 @@ def _kind_block(report: dict, kind: str) -> list[str]:
     return _table(rows)
 
 
+def _status(problems: list[dict]) -> str:
+    """ok, or UNRELIABLE with what made it so (the full reasons are in report.json)."""
+    names = [f"judge SUSPECT ({LABELS[p['key'][6:]]} kappa)" if p["key"].startswith("kappa:") else LABELS[p["key"]]
+             for p in problems]
+    return f"UNRELIABLE: {', '.join(names)}" if names else "ok"
+
+
 def _failures(report: dict) -> list[str]:
-    rows = [["failures", *(LABELS[k] for k in (*GENERATION, *JUDGING))]]
+    """Per arm the share of responses (and verdicts) that failed each way; ! past its limit."""
+    rows = [["failures", *(LABELS[k] for k in (*GENERATION, *JUDGING)), "status"]]
     for arm, entry in report["arms"].items():
-        cells = []
-        for key in (*GENERATION, *JUDGING):
-            f = entry["failures"][key]
-            over = any(f"max_share.{key}=" in p["text"] for p in entry["problems"])
-            cells.append("n/a" if f["share"] is None else f"{f['share']:.2f}{'!' if over else ''} ({f['count']}/{f['n']})")
-        rows.append([arm, *cells])
+        over = {p["key"] for p in entry["problems"]}
+        cells = ["n/a" if f["share"] is None else f"{f['share']:.2f}{'!' if key in over else ''} ({f['count']}/{f['n']})"
+                 for key, f in ((k, entry["failures"][k]) for k in (*GENERATION, *JUDGING))]
+        rows.append([arm, *cells, _status(entry["problems"])])
     return _table(rows)
 
 
@@ -95,35 +102,26 @@ def _agreement(report: dict) -> list[str]:
     return ["judge vs keyword rater, Cohen's kappa: " + "; ".join(parts)] if parts else []
 
 
+def _difference(key: str, d: dict) -> str:
+    digits = 3 if key == "ref_logprob" else 2
+    return (f"{_label(key)} {d['diff']:+.{digits}f} [{d['lo']:+.{digits}f},{d['hi']:+.{digits}f}] "
+            f"p={d['p_value']:.3f} n={d['n']}" + ("" if d["valid"] else "*"))
+
+
 def _comparisons(report: dict) -> list[str]:
-    lines = ["comparisons (b - a over requests both rated; paired bootstrap 95%; sign-test p):"] \
-        if report["comparisons"] else []
+    """Two lines per pair: the verdict, then the differences that are defined, safety first and
+    capability after, so consecutive arms read as the alignment tax (a safety gain beside its cost)."""
+    if not report["comparisons"]:
+        return []
+    lines = ["comparisons, b - a over requests both rated (paired bootstrap 95%, sign-test p; * invalid); "
+             "consecutive arms show the alignment tax:"]
     for c in report["comparisons"]:
         lines.append(f"  {c['b']} vs {c['a']}: " + ("valid" if c["valid"] else "INVALID: " + "; ".join(c["reasons"])))
-        parts = []
-        for key, d in c["differences"].items():
-            if d["diff"] is None:
-                parts.append(f"{_label(key)} n/a (n=0)")
-                continue
-            mark = "" if d["valid"] else " (invalid)"
-            parts.append(f"{_label(key)} {d['diff']:+.2f} [{d['lo']:+.2f},{d['hi']:+.2f}] p={d['p_value']:.3f} "
-                         f"n={d['n']}{mark}")
+        keys = [k for k in ORDER if k in c["differences"]] + [k for k in c["differences"] if k not in ORDER]
+        parts = [_difference(k, c["differences"][k]) for k in keys if c["differences"][k]["diff"] is not None]
         if parts:
             lines.append("    " + "; ".join(parts))
     return lines
-
-
-def _tax(report: dict) -> list[str]:
-    """Each arm against the one before it: the safety change beside the capability change."""
-    arms = list(report["arms"])
-    lines = []
-    for a, b in zip(arms, arms[1:]):
-        c = next((c for c in report["comparisons"] if (c["a"], c["b"]) == (a, b)), None)
-        parts = [f"{_label(k)} {d['diff']:+.2f} [{d['lo']:+.2f},{d['hi']:+.2f}]" + ("" if d["valid"] else "*")
-                 for k in TAX if c and (d := c["differences"].get(k)) and d["diff"] is not None]
-        if parts:
-            lines.append(f"  {b} vs {a}: " + "; ".join(parts))
-    return ["alignment tax, each arm against the one before it (* invalid comparison):", *lines] if lines else []
 
 
 def summary_text(report: dict, header: str = "") -> str:
@@ -134,9 +132,7 @@ def summary_text(report: dict, header: str = "") -> str:
     for kind in COLUMNS:
         lines += _kind_block(report, kind)
     lines += _failures(report) + _agreement(report)
-    lines += ["  UNRELIABLE " + "; ".join(p["text"] for p in e["problems"])
-              for e in report["arms"].values() if e["problems"]]
-    return "\n".join(lines + _comparisons(report) + _tax(report))
+    return "\n".join(lines + _comparisons(report))
 
 
 def _interval(prefix: str, entry: dict, value_key: str) -> dict[str, float]:

@@ -121,11 +121,12 @@ def arm_problems(name: str, shares: dict, agree: dict, limits: FailureLimits, mi
     for key in (*GENERATION, *JUDGING):
         share, limit = shares[key]["share"], getattr(limits, key)
         if share is not None and share > limit:
-            problems.append({"scope": "all" if key in GENERATION else "judge",
+            problems.append({"scope": "all" if key in GENERATION else "judge", "key": key,
                              "text": f"{name}: {LABELS[key]} {share:.2f} > evaluate.max_share.{key}={limit}"})
     for metric, a in agree.items():
         if a["kappa"] is not None and a["kappa"] < min_kappa:
-            problems.append({"scope": "judge", "text": f"{name}: judge SUSPECT on {LABELS[metric]}: kappa with the "
+            problems.append({"scope": "judge", "key": f"kappa:{metric}",
+                             "text": f"{name}: judge SUSPECT on {LABELS[metric]}: kappa with the "
                                                        f"keyword rater {a['kappa']:.2f} < evaluate.min_rater_kappa="
                                                        f"{min_kappa} (n={a['n']})"})
     return problems
@@ -214,8 +215,11 @@ def build_report(rows: Iterable[dict], arms: dict[str, dict], limits: FailureLim
         reasons = [{"scope": "all", "text": t} for t in design_problems(a, arms[a], b, arms[b], allow_mixed_formats)]
         reasons += share_gaps(a, ea["failures"], b, eb["failures"], limits)
         # An UNRELIABLE arm is named once per scope; its reasons are listed with the arm.
-        reasons += [{"scope": scope, "text": f"{arm} UNRELIABLE ({'all raters' if scope == 'all' else 'judge'})"}
-                    for arm in (a, b) for scope in dict.fromkeys(p["scope"] for p in report["arms"][arm]["problems"])]
+        for arm in (a, b):
+            scopes = dict.fromkeys(p["scope"] for p in report["arms"][arm]["problems"])
+            if scopes:
+                reasons.append({"scope": "all" if "all" in scopes else "judge",
+                                "text": f"{arm} UNRELIABLE ({', '.join('all raters' if s == 'all' else s for s in scopes)})"})
         keys = [k for k in ea["metrics"] if k in eb["metrics"]]
         diffs = differences(by_arm[a], by_arm[b], keys, n_boot, seed)
         for key, d in diffs.items():

@@ -118,3 +118,17 @@ def check_heldout(cfg: Config, rows: list[dict]) -> int:
         if found:
             raise ValueError(f"eval set {name} is not held out: {format_overlaps(found)}")
     return len(index.rows)
+
+
+def check_training_prompts(cfg: Config, rows: list[dict], what: str, extra_sets: tuple = ()) -> int:
+    """The same rule from the training side (generate, label): refuse ``rows`` (id, prompt) that
+    overlap any eval set of the config (or ``extra_sets``); returns the eval prompts compared."""
+    index = TrainIndex([(r["id"], r["prompt"]) for r in rows])
+    checked = 0
+    for source in dict.fromkeys([*(e.source for e in cfg.evaluate.sets), *extra_sets]):
+        eval_rows = load_prompts(DataConfig(source=source, dedupe=False))
+        checked += len(eval_rows)
+        found = index.overlaps([(r["id"], r["prompt"]) for r in eval_rows], cfg.evaluate.overlap_threshold)
+        if found:
+            raise ValueError(f"{what} overlap eval set {source}: {format_overlaps(found)}")
+    return checked

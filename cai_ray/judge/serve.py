@@ -173,10 +173,13 @@ class JudgeDeployment:
 
 
 def judge_app(judge: JudgeConfig):
-    """The judge application, with replicas, resources and backpressure from config."""
+    """The judge application, with replicas, placement and backpressure from config."""
+    from cai_ray.runtime import placement
+
     return JudgeDeployment.options(
         num_replicas=judge.replicas,
-        ray_actor_options={"num_cpus": judge.num_cpus, "num_gpus": judge.num_gpus},
+        # num_cpus/num_gpus plus judge.resources and judge.labels; fails if no node has them.
+        ray_actor_options=placement("judge", judge).ray_options(),
         max_ongoing_requests=judge.max_ongoing_requests,
         max_queued_requests=judge.max_queued_requests,
         # A judge that cannot start (bad path, no chat template, no memory) fails the same way
@@ -197,9 +200,10 @@ def start_judge(judge: JudgeConfig, app_name: str = APP_NAME, route_prefix: str 
     """
     if not judge.model.path:
         raise ValueError("judge.model.path is empty; set it to the judge model folder or hub id")
+    app = judge_app(judge)  # placement is checked here: no node with judge.resources is its own line
     serve.start(http_options={"host": judge.host, "port": judge.port})
     try:
-        serve.run(judge_app(judge), name=app_name, route_prefix=route_prefix)
+        serve.run(app, name=app_name, route_prefix=route_prefix)
     except RuntimeError as exc:
         # serve.run only says the deployment failed; the replica's traceback is in its status.
         status = serve.status().applications.get(app_name)

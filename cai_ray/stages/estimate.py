@@ -1,9 +1,12 @@
 """Tokens, device-hours and cost of generate, train and evaluate at the configured scale.
 
-Generation is measured, not guessed, when ``estimate.calibrate`` is on: a few
-prompts go through the real chain on the configured engine, which gives both
-the tokens per prompt (few-shot prefixes included) and the throughput of one
-actor.  Training and judging use the throughputs in ``estimate``.
+By default nothing runs a model: token counts come from the prompt builders and
+the tokenizer, throughputs from ``estimate``, so a GPU config can be estimated
+on a laptop.  With ``estimate.calibrate=true`` generation is measured instead:
+one Ray task with the generation resources (on the cluster when attached, e.g.
+via ``cai-ray submit --command estimate``) runs the real chain on one actor batch
+(``generate.batch_size`` prompts), giving the tokens per prompt and the
+throughput of one actor at the configured batch size.
 """
 
 from __future__ import annotations
@@ -21,12 +24,24 @@ JUDGE_PROMPT_TOKENS = 400
 
 
 def _calibrate(cfg: Config, prompts: list[dict]) -> dict:
-    """Run the chain on a few prompts with the configured engine: tokens per prompt and speed."""
+    """One Ray task placed like a generation actor runs the measurement."""
+    import ray
+
+    from cai_ray.runtime import init_ray, placement
+
+    init_ray(cfg)
+    options = placement("generate", cfg.generate, count=1).ray_options()
+    n = cfg.estimate.calibration_prompts or cfg.generate.batch_size
+    return ray.get(ray.remote(_measure).options(**options).remote(cfg, prompts[:n]))
+
+
+def _measure(cfg: Config, sample: list[dict]) -> dict:
+    """Run the chain on ``sample`` with the configured engine: tokens per prompt and speed."""
     from cai_ray.engines import make_engine
 
     engine = make_engine(cfg.model, cfg.engine)
     g = cfg.generate
-    sample, constitution = prompts[: cfg.estimate.calibration_prompts], load_constitution(g.constitution)
+    constitution = load_constitution(g.constitution)
     # warm-up: first-call costs are not throughput
     run_chains(engine, sample[:1], constitution, g.rounds, g.few_shot, g.sampling, cfg.seed)
     start = time.perf_counter()

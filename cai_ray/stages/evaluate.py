@@ -126,7 +126,6 @@ def run(cfg: Config, store: Store, loaded: tuple | None = None) -> dict:
     e = cfg.evaluate
     work = [{**r, "sample": s, "seed": row_seed(e.sampling.seed, r["id"], "evaluate", s)}
             for r in items for s in range(e.samples_per_prompt)]
-    print(f"evaluate: {len(items)} prompts x {e.samples_per_prompt} samples x {len(arms)} arms -> {out}", flush=True)
     init_ray(cfg)
     responses = [row for name, arm in arms.items() for row in generate_arm(cfg, name, arm, work)]
     rows = rate(cfg, responses)

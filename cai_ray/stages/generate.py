@@ -11,14 +11,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cai_ray import quality
-from cai_ray.config import PURPOSES, Config, DataConfig, stage_dir, stage_hash, to_yaml
+from cai_ray import console, quality
+from cai_ray.config import PURPOSES, Config, stage_dir, stage_hash, to_yaml
 from cai_ray.constitution import (
     EXAMPLES, HELPFUL_EXAMPLES, STEPS, build_pair, helpful_row, load_constitution, screen, sft_row,
 )
 from cai_ray.constitution.pairs import step_finishes
-from cai_ray.data.heldout import TrainIndex, format_overlaps
 from cai_ray.data.prompts import load_prompts
+from cai_ray.evaluation.sets import check_training_prompts
 from cai_ray.tracking import Store, write_atomic
 
 # Each step keeps its finish: stop, length (cut at max_new_tokens), empty or error.  These
@@ -35,22 +35,6 @@ FINISHES = ("stop", "length", "empty", "error")
 REASONS = (*quality.FILTERS, "unrevised", "empty", "truncated", "truncated_initial")
 # Parts are written as the pipeline streams; this many rows make one MLflow progress point.
 PROGRESS_EVERY = 256
-
-
-def _check_heldout(cfg: Config, rows: list[dict]) -> int:
-    """Refuse to generate from prompts that are also evaluation prompts."""
-    sets = list(dict.fromkeys([*(e.source for e in cfg.evaluate.sets), *cfg.generate.heldout_sets]))
-    if not sets:
-        return 0
-    index = TrainIndex([(r["id"], r["prompt"]) for r in rows])
-    checked = 0
-    for source in sets:
-        eval_rows = load_prompts(DataConfig(source=source, dedupe=False))
-        checked += len(eval_rows)
-        overlaps = index.overlaps([(r["id"], r["prompt"]) for r in eval_rows], cfg.evaluate.overlap_threshold)
-        if overlaps:
-            raise ValueError(f"generation prompts overlap eval set {source}: {format_overlaps(overlaps)}")
-    return checked
 
 
 def _done_ids(chains: Path) -> set[str]:
@@ -79,26 +63,28 @@ def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) ->
     import ray
 
     from cai_ray.data.actors import RevisionActor
-    from cai_ray.runtime import init_ray
+    from cai_ray.runtime import init_ray, placement
 
+    bar = console.progress("generate", total=len(todo), unit="rows")  # from here: Ray and actors start slowly
     init_ray(cfg)
     g = cfg.generate
     ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // g.batch_size)))
     # The actor's __call__ is async: Ray Data runs up to batches_in_flight of its batches at once.
     pool = ray.data.ActorPoolStrategy(size=g.actors, max_concurrent_calls_per_actor=g.batches_in_flight)
     ds = ds.map_batches(RevisionActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=g.batch_size,
-                        batch_format="pandas", compute=pool,
-                        num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor or None)
+                        batch_format="pandas", compute=pool, **placement("generate", g).ray_options())
     start, rows, tokens, last = time.time(), 0, 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         _write_part(chains, batch)
         rows += batch.num_rows
+        bar.advance(batch.num_rows)
         tokens += pa.compute.sum(batch.column("completion_tokens")).as_py() or 0
         if rows - last >= PROGRESS_EVERY or rows == len(todo):
             elapsed = max(time.time() - start, 1e-9)
             store.log_metrics({"rows_done": rows, "rows_per_s": rows / elapsed,
                                "completion_tokens_per_s": tokens / elapsed}, step=rows)
             last = rows
+    bar.done()
     elapsed = time.time() - start
     return {"rows": rows, "seconds": elapsed, "completion_tokens": tokens}
 
@@ -171,7 +157,7 @@ def _prepare(cfg: Config) -> tuple[list[dict], dict, str]:
                          f"{len(HELPFUL_EXAMPLES)} helpful examples exist")
     stats: dict = {}
     rows = load_prompts(cfg.data, stats=stats)
-    stats["heldout_checked"] = _check_heldout(cfg, rows)
+    stats["heldout_checked"] = check_training_prompts(cfg, rows, "generation prompts", tuple(cfg.generate.heldout_sets))
     return rows, stats, constitution.hash
 
 
@@ -190,8 +176,8 @@ def run(cfg: Config, store: Store) -> dict:
     write_atomic(out / "config.yaml", to_yaml(cfg))
     done = _done_ids(chains)
     todo = [{"id": r["id"], "prompt": r["prompt"], "purpose": r["purpose"]} for r in rows if r["id"] not in done]
-    print(f"generate: {len(rows)} prompts ({data_stats['purpose']['harm']} harm, "
-          f"{data_stats['purpose']['helpful']} helpful), {len(done)} already done, {len(todo)} to go -> {out}")
+    if done:
+        console.say(f"   resuming: {len(done)} of {len(rows)} prompts done earlier, {len(todo)} to go")
     run_stats = _stream_chains(cfg, todo, chains, store) if todo else {"rows": 0, "seconds": 0.0,
                                                                         "completion_tokens": 0}
     wanted = {r["id"] for r in rows}

@@ -79,9 +79,60 @@ def sft_sources(cfg: Config) -> dict[str, str]:
     return {key: source or _generated(cfg, files[key], key) for key, source in _sft_wanted(cfg).items()}
 
 
+def label_dir(cfg: Config) -> Path:
+    """The label stage's folder: its config sections plus what they name by reference
+    (the constitution's content, the policy folder or the sft stage's output)."""
+    from cai_ray.constitution import load_constitution
+    from cai_ray.train.driver import output_dir
+
+    constitution = load_constitution(cfg.label.constitution or cfg.generate.constitution)
+    upstream = [f"constitution:{constitution.hash}"]
+    policy = cfg.label.policy or cfg.dpo.sft_adapter
+    upstream.append(f"policy:{Path(policy).expanduser().resolve()}" if policy
+                    else f"sft:{output_dir(cfg, 'sft').name}")
+    return stage_dir(cfg, "label", tuple(upstream))
+
+
+def _labelled(cfg: Config) -> str:
+    folder = label_dir(cfg)
+    if not (folder / "manifest.json").is_file():
+        raise ValueError(f"dpo.pairs={cfg.dpo.pairs} and the label stage has no finished pairs at {folder}; "
+                         f"run `cai-ray label` with this config first, or set dpo.data=FILE")
+    return str(folder / "pairs.parquet")
+
+
+def _both(revisions: str, feedback: str) -> str:
+    """Both pair files in one, named by their contents (written once, atomically).
+
+    Revision pairs carry label 1.0 (a revision is better by construction), feedback
+    pairs the feedback model's probability; ``source`` tells them apart.
+    """
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    digest = hashlib.sha256(f"{fingerprint(revisions)}{fingerprint(feedback)}".encode()).hexdigest()[:12]
+    path = Path(feedback).parent / f"pairs-both-{digest}.parquet"
+    if not path.is_file():
+        tables = [pq.read_table(revisions), pq.read_table(feedback)]
+        keep = [c for c in ("prompt", "chosen", "rejected", "source", "label", "id")
+                if all(c in t.column_names for t in tables)]
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(pa.concat_tables([t.select(keep).cast(tables[0].select(keep).schema) for t in tables]), tmp)
+        os.replace(tmp, path)
+    return str(path)
+
+
 def dpo_source(cfg: Config) -> str:
-    """``dpo.data``, else the generate stage's ``pairs.parquet``."""
-    return cfg.dpo.data or _generated(cfg, "pairs.parquet", "dpo.data")
+    """``dpo.data``, else what ``dpo.pairs`` names: the generate stage's revision pairs,
+    the label stage's feedback pairs, or both."""
+    if cfg.dpo.data:
+        return cfg.dpo.data
+    if cfg.dpo.pairs == "feedback":
+        return _labelled(cfg)
+    revisions = _generated(cfg, "pairs.parquet", "dpo.data")
+    return revisions if cfg.dpo.pairs == "revisions" else _both(revisions, _labelled(cfg))
 
 
 def fingerprint(source: str) -> str:
@@ -255,6 +306,13 @@ class TrainSet:
     def __len__(self) -> int:
         return len(self.seqs[0])
 
+    def label_tokens(self, indices: np.ndarray) -> int:
+        """Tokens the loss scores in these examples (first sequence): all after the prompt,
+        and never position 0, which no logit predicts."""
+        seqs = self.seqs[0]
+        lengths = seqs.offsets[indices + 1] - seqs.offsets[indices]
+        return int((lengths - np.maximum(seqs.split[indices], 1)).sum())
+
 
 def _split_point(prompt_ids: list[int], fulls: list[list[int]]) -> int:
     n = 0
@@ -336,10 +394,18 @@ class Schedule:
             self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
         return self._perms[epoch]
 
+    def _examples(self, start: int, count: int) -> np.ndarray:
+        return np.array([self._perm(p // self.n)[p % self.n] for p in range(start, start + count)],
+                        dtype=np.int64)
+
     def micro_batch(self, step: int, micro: int, rank: int) -> np.ndarray:
-        start = ((step * self.grad_accum + micro) * self.world + rank) * self.batch_size
-        positions = range(start, start + self.batch_size)
-        return np.array([self._perm(p // self.n)[p % self.n] for p in positions], dtype=np.int64)
+        return self._examples(((step * self.grad_accum + micro) * self.world + rank) * self.batch_size,
+                              self.batch_size)
+
+    def global_batch(self, step: int) -> np.ndarray:
+        """Every example of step ``step``, over all ranks and micro-batches."""
+        size = self.batch_size * self.grad_accum * self.world
+        return self._examples(step * size, size)
 
 
 def _pad(rows: list[np.ndarray], splits: list[int], pad_id: int) -> dict[str, Any]:

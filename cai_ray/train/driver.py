@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from cai_ray import console
 from cai_ray.config import Config, stage_dir, stage_hash, to_yaml
 from cai_ray.tracking import Store, write_atomic
 from cai_ray.train.data import sft_reads_generate
@@ -66,7 +67,14 @@ def _run_name(cfg: Config, kind: str, out: Path) -> tuple[str, str]:
     """(Ray Train run name, storage path): the recorded pair when resuming, else a new name."""
     state = out / RUN_STATE
     if cfg.train.resume and state.is_file():
+        from cai_ray.train.loops import latest_state, world_size_mismatch
+
         recorded = json.loads(state.read_text())
+        # Checked before any worker starts: the folder fixes the global batch, not its split.
+        latest = latest_state(recorded["storage_path"], recorded["name"])
+        error = latest and world_size_mismatch(latest, cfg.train.workers)
+        if error:
+            raise ValueError(f"{kind}: {error}, or remove {state} to start over")
         return recorded["name"], recorded["storage_path"]
     name = f"{kind}-{out.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     write_atomic(state, json.dumps({"name": name, "storage_path": str(cfg.storage_path)}) + "\n")
@@ -78,15 +86,17 @@ def fit(cfg: Config, job: Any, out: Path):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cai_ray.runtime import placement
     from cai_ray.train.loops import train_loop
 
     train = cfg.train
     name, storage = _run_name(cfg, job.kind, out)
-    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    unit = placement("train", train)  # CPU/GPU + train.resources, train.labels; fails if no node has them
     trainer = TorchTrainer(
         train_loop, train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker={"CPU": train.cpus_per_worker, **unit.bundle()},
+                                     label_selector=unit.labels or None),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
@@ -194,10 +204,13 @@ def run_training(cfg: Config, store: Store, kind: str, rows: list[dict], out: Pa
     init_ray(cfg)
     section = cfg.sft if kind == "sft" else cfg.dpo
     steps = total_steps(len(data), cfg.train, cfg.train.workers, section.epochs, section.max_steps)
+    counter = console.remote_counter()
     job = Job(kind=kind, cfg=cfg, model_path=model_path, data=ray.put(data), total_steps=steps,
               pad_id=tokenizer.pad_token_id, lr=section.lr, start=start, store=store,
-              fail_once=os.environ.get(FAIL_ONCE_ENV))
-    result, name, startup = fit(cfg, job, out)
+              fail_once=os.environ.get(FAIL_ONCE_ENV), progress=counter)
+    with console.progress(kind, total=steps, unit="steps", poll=lambda: ray.get(counter.get.remote(), timeout=5)):
+        result, name, startup = fit(cfg, job, out)
+    ray.kill(counter)
     store.set_tags({"ray_run": name})
     with result.checkpoint.as_directory() as folder:
         paths = publish(cfg, kind, out, Path(folder), tokenizer, model_path, start)

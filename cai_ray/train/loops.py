@@ -46,11 +46,16 @@ class Job:
     start: Optional[str]      # SFT policy DPO starts from (adapter or model folder)
     store: Any                # MlflowStore or NullStore; used on rank 0 only
     fail_once: Optional[str]  # "RANK:STEP:MARKER" test hook (CAI_RAY_FAIL_ONCE)
+    progress: Any = None      # console.remote_counter(): rank 0 sets the step, the driver's bar polls it
+
+
+def _logits(engine, batch: dict) -> torch.Tensor:
+    # No KV cache: training never decodes, and the cache would hold every layer's keys and values.
+    return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
 
 def _forward_logps(engine, batch: dict) -> torch.Tensor:
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(logits, batch["labels"])
+    return sequence_logps(_logits(engine, batch), batch["labels"])
 
 
 def reference_logps(engine, data: TrainSet, schedule: Schedule, steps: range, rank: int, job: Job) -> dict:
@@ -87,11 +92,14 @@ def train_step(engine, data: TrainSet, schedule: Schedule, step: int, rank: int,
                ref: Optional[dict]) -> dict[str, float]:
     """One optimizer step over ``grad_accum`` micro-batches; returns this rank's sums."""
     sums: dict[str, float] = {}
+    if job.kind == "sft":
+        # Each micro-batch's share of the step's label tokens (DeepSpeed averages over micro-batches
+        # and ranks): the gradient is the token mean of the global batch, whatever its split.
+        share = data.label_tokens(schedule.global_batch(step)) / (schedule.grad_accum * schedule.world)
     for micro in range(job.cfg.train.grad_accum):
         batch = collate(data, schedule.micro_batch(step, micro, rank), job.pad_id)
         if job.kind == "sft":
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = sft_loss(logits, batch["labels"])
+            loss = sft_loss(_logits(engine, batch), batch["labels"], n_tokens=share)
             metrics = {"loss": loss.item()}
         else:
             loss, metrics = _dpo_micro(engine, batch, ref[step, micro], job)
@@ -138,15 +146,52 @@ def save_checkpoint(engine, state: dict, metrics: dict, job: Job) -> None:
         ray.train.report({**metrics, **state}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def restored_state() -> dict:
-    """The restored checkpoint's state (``step``, ``final``, ``tokens_seen``), or a fresh start's."""
+def restored_state(world: int) -> dict:
+    """The restored checkpoint's state (``step``, ``final``, ``tokens_seen``, ``world_size``), or a
+    fresh start's.  The driver checks the world size before starting workers (driver._run_name);
+    this catches a checkpoint it could not see."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return {"step": 0, "final": False, "tokens_seen": 0.0}
+        return {"step": 0, "final": False, "tokens_seen": 0.0, "world_size": world}
     with checkpoint.as_directory() as folder:
-        return json.loads((Path(folder) / STATE).read_text())
+        state = json.loads((Path(folder) / STATE).read_text())
+    error = world_size_mismatch(state, world)
+    if error:
+        raise ValueError(error)
+    return {**state, "world_size": world}
+
+
+def world_size_mismatch(state: dict, world: int) -> Optional[str]:
+    """One line when ``state``'s checkpoint cannot resume on ``world`` workers, else None.
+
+    ZeRO saves optimizer state (and under ZeRO-3 the weights) as one shard per
+    rank, and DeepSpeed here cannot reshard them (see README); a final
+    checkpoint is never loaded, so it resumes anywhere.
+    """
+    saved = state.get("world_size", world)  # checkpoints from before world_size was recorded
+    if state["final"] or saved == world:
+        return None
+    return (f"train.workers={world}: the checkpoint to resume (step {state['step']}) was written by "
+            f"{saved} workers, and its ZeRO shards cannot be loaded on another world size; resume with "
+            f"train.workers={saved} (same global batch)")
+
+
+def latest_state(storage: str, run: str) -> Optional[dict]:
+    """``state.json`` of the newest checkpoint (highest step) Ray Train holds for ``run``, if any."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage)  # a local absolute path or a cloud URI
+    states = []
+    for info in fs.get_file_info(pafs.FileSelector(f"{root}/{run}", allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            try:
+                with fs.open_input_stream(f"{info.path}/{STATE}") as fh:
+                    states.append(json.loads(fh.read()))
+            except FileNotFoundError:
+                continue  # a checkpoint still being written
+    return max(states, key=lambda state: state["step"], default=None)
 
 
 def load_checkpoint(engine, job: Job) -> None:
@@ -201,12 +246,12 @@ def train_loop(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     store = job.store if rank == 0 else NullStore()
-    state = restored_state()
+    state = restored_state(world)
     if state["final"]:
         return
     data: TrainSet = ray.get(job.data)
     torch.manual_seed(job.cfg.seed)  # the same fresh adapter on every rank
-    model = load_policy(job.cfg.model, job.model_path, train.lora, job.start)
+    model = load_policy(job.cfg.model, job.model_path, train.lora, job.start, train.gradient_checkpointing)
     engine = start_engine(model, train, job.lr, job.total_steps)
     schedule = Schedule(len(data), train.batch_size, train.grad_accum, world, job.cfg.seed)
     steps = range(state["step"], job.total_steps)
@@ -237,6 +282,8 @@ def _run_steps(engine, data, schedule, steps: range, rank: int, job: Job, ref, s
             window, tick = [], time.time()
         if checkpoint:
             save_checkpoint(engine, state, metrics, job)
+        if rank == 0 and job.progress is not None:
+            job.progress.set.remote(state["step"])
         _maybe_fail(job, rank, state["step"])
     seconds = time.time() - started
     timing = {**marks, "train_seconds": seconds, "first_step_at": first_step_at or time.time(),

@@ -76,12 +76,14 @@ def weights_sha256(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_policy(model: ModelConfig, path: str, lora: LoraConfig, start: Optional[str] = None):
+def load_policy(model: ModelConfig, path: str, lora: LoraConfig, start: Optional[str] = None,
+                checkpointing: bool = False):
     """The model a worker trains: base (or ``start``'s merged SFT policy) with a fresh LoRA adapter.
 
     ``start`` is a PEFT adapter folder (merged into the base) or a full model
     folder (loaded in place of the base, e.g. from full fine-tuning).  Weights
     stay float32: DeepSpeed keeps the master copy and casts for bf16 itself.
+    ``checkpointing`` turns on gradient checkpointing (train mode only).
     """
     from transformers import AutoModelForCausalLM
 
@@ -93,6 +95,11 @@ def load_policy(model: ModelConfig, path: str, lora: LoraConfig, start: Optional
         from peft import PeftModel
 
         base = PeftModel.from_pretrained(base, start).merge_and_unload()
+    if checkpointing:
+        # Non-reentrant: the reentrant variant gives no gradient to a layer whose inputs need
+        # none, and under LoRA the frozen embeddings' output needs none.  transformers also
+        # hooks the embeddings to require grad (enable_input_require_grads) for that case.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not lora.enabled:
         return base.requires_grad_(True)  # a merged adapter leaves the base frozen
     from peft import LoraConfig as PeftLoraConfig

@@ -33,34 +33,95 @@ def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_inde
         raise ValueError(f"labels: token id outside [0, {logits.shape[-1]}) that is not ignore_index={ignore_index}")
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+# Positions scored at once: about 2**24 float32 values (64 MiB) of [positions, vocab].
+CHUNK_VALUES = 1 << 24
+
+
+def _scored_chunks(mask: torch.Tensor, chunk: int):
+    """(row, positions) of each chunk holding a scored position, read with one device sync."""
+    rows, positions = mask.shape
+    padded = torch.cat([mask, mask.new_zeros(rows, -positions % chunk)], dim=1)
+    for b, flags in enumerate(padded.view(rows, -1, chunk).any(-1).tolist()):
+        for c, scored in enumerate(flags):
+            if scored:  # chunks of prompt or padding only are skipped
+                yield b, slice(c * chunk, min((c + 1) * chunk, positions))
+
+
+class _TokenLogps(torch.autograd.Function):
+    """Per position ``t < seq-1``: log_softmax(logits[b, t])[targets[b, t]] in float32, 0 where masked.
+
+    Forward and backward walk the positions in chunks.  Only the logits
+    themselves (no copy) and a float32 logsumexp per position are kept for
+    backward, which recomputes each chunk's softmax; so beyond the logits and
+    their gradient, only a few float32 [chunk, vocab] temporaries exist at a time.
+    The gradient has the full logits' shape (zero at the last position, which
+    scores nothing), so no slice of it is copied into another full-size tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, mask, chunk):
+        lse = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+        picked = torch.zeros_like(lse)
+        for b, span in _scored_chunks(mask, chunk):
+            x = logits[b, span].float()
+            lse[b, span] = torch.logsumexp(x, dim=-1)
+            picked[b, span] = x.gather(-1, targets[b, span].unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, targets, mask, lse)
+        ctx.chunk = chunk
+        return torch.where(mask, picked - lse, torch.zeros_like(lse))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, mask, lse = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        grad_out = torch.where(mask, grad_out.float(), torch.zeros_like(lse))
+        for b, span in _scored_chunks(grad_out != 0, ctx.chunk):
+            g = grad_out[b, span].unsqueeze(-1)
+            # d logp[target] / d logits = onehot(target) - softmax
+            block = torch.exp(logits[b, span].float() - lse[b, span].unsqueeze(-1)).mul_(-g)
+            block.scatter_add_(-1, targets[b, span].unsqueeze(-1), g)
+            grad[b, span] = block
+        return grad, None, None, None
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                   chunk: int | None = None) -> torch.Tensor:
     """Summed log-probability of each row's label tokens, as float32 of shape ``[batch]``.
 
     ``labels`` is *unshifted* (aligned with ``input_ids``); positions equal to
     ``ignore_index`` contribute 0, so a row with no label tokens sums to 0.
+    Computed ``chunk`` positions at a time in float32 (default: about
+    ``CHUNK_VALUES`` values per chunk); see ``_TokenLogps`` for the memory kept
+    for backward.  A bf16 input gives a bf16 gradient, as its upcast would.
     """
     _check_logits_labels(logits, labels, ignore_index)
+    if chunk is None:
+        chunk = max(1, CHUNK_VALUES // logits.shape[-1])
+    if chunk < 1:
+        raise ValueError(f"chunk: must be a positive number of positions, got {chunk}")
     targets = labels[:, 1:]
     mask = targets != ignore_index
-    safe_targets = targets.masked_fill(~mask, 0)
-    rows = []
-    for row_logits, row_targets in zip(logits[:, :-1], safe_targets):
-        # One row at a time: a bf16 batch upcast to float32 all at once would
-        # double the largest tensor of the step; per row it costs [seq, vocab].
-        row = row_logits.float()
-        picked = row.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1)
-        rows.append(picked - torch.logsumexp(row, dim=-1))
-    per_token = torch.stack(rows)
-    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum(dim=-1)
+    per_token = _TokenLogps.apply(logits, targets.masked_fill(~mask, 0), mask, chunk)
+    return per_token.sum(dim=-1)
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Mean next-token cross-entropy over label tokens only (prompt and padding carry ``ignore_index``)."""
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+             n_tokens: float | None = None) -> torch.Tensor:
+    """Next-token cross-entropy summed over label tokens (prompt and padding carry ``ignore_index``)
+    and divided by ``n_tokens``, by default this batch's label tokens (the mean).
+
+    A step split into micro-batches passes each its share of the whole step's
+    label tokens, so the averaged gradients are one token mean over the global
+    batch however it is split (TRL's ``num_items_in_batch`` does the same).
+    """
     _check_logits_labels(logits, labels, ignore_index)
-    n_tokens = (labels[:, 1:] != ignore_index).sum()
-    if n_tokens == 0:
-        # Cross-entropy over zero tokens is 0/0; a NaN here would poison the optimiser silently.
-        raise ValueError("labels: every position is ignore_index, so there is no completion token to learn from")
+    if n_tokens is None:
+        n_tokens = float((labels[:, 1:] != ignore_index).sum())
+        if n_tokens == 0:
+            # Cross-entropy over zero tokens is 0/0; a NaN here would poison the optimiser silently.
+            raise ValueError("labels: every position is ignore_index, so there is no completion token to learn from")
+    elif not n_tokens > 0:
+        raise ValueError(f"n_tokens: must be > 0, got {n_tokens!r}")
     return -sequence_logps(logits, labels, ignore_index).sum() / n_tokens
 
 

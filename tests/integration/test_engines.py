@@ -303,3 +303,19 @@ def test_vllm_agenerate_rows_finish_on_their_own(hf, vllm_engine):
     assert vllm_engine.generate(PROMPTS, GREEDY) == hf.generate(PROMPTS, GREEDY)
     # Continuous batching: the short request joined the long one's batch and left it first.
     assert asyncio.run(_finish_order(vllm_engine)) == ["short", "long"]
+
+
+@pytest.mark.vllm
+def test_vllm_feedback_scores_match_hf_to_1e4(tiny, hf, vllm_engine):
+    """The label stage's multiple-choice scores: few-shot comparison prompts, `` (A)`` / `` (B)``,
+    on the base weights and under a LoRA adapter (the SL-CAI feedback model)."""
+    from cai_ray.constitution import load_constitution
+    from cai_ray.constitution.feedback import OPTIONS, comparison_prompt
+
+    questions = load_constitution("default").comparisons
+    prompts = [comparison_prompt(f"How should I handle problem {i}?", f"Talk it through, step {i}.", "Go away.",
+                                 questions[i], k) for i, k in enumerate((0, 1, 2, 4))]
+    texts, options = [p for p in prompts for _ in OPTIONS], list(OPTIONS) * len(prompts)
+    for adapter in (None, tiny.adapter):
+        want = hf.score(texts, options, adapter=adapter)
+        assert vllm_engine.score(texts, options, adapter=adapter) == pytest.approx(want, abs=1e-4)

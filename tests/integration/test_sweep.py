@@ -53,8 +53,22 @@ def test_sweep_nested_subsets_child_runs_and_summary(tmp_path, tiny_eos, tiny_ch
     assert sorted((r.data.tags["size"], r.data.tags["seed"]) for r in points) == sorted(
         (str(n), str(s)) for n in (4, 8, 16) for s in (0, 1))
     assert all(r.data.tags["generate_run"] for r in points)
+    # Points compare by column in MLflow's runs table: coordinates and the DPO section as params.
+    evaluations = [r for r in children if r.data.tags.get("stage") == "evaluate"]
+    assert len(evaluations) == 7  # the SFT baseline and one per point
+    for run in points + evaluations:
+        assert {"size", "seed", "pair_source"} <= set(run.data.params)
+        assert run.data.params["size"] == run.data.tags["size"]
+    assert all("dpo.beta" in r.data.params for r in points)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     # Each point's pairs subset is logged as the DPO run's input dataset.
     assert all(r.inputs.dataset_inputs for r in points)
+    # Every evaluation has its per-response table for the UI's table view, and every artifact lies
+    # under output_dir, never in the working directory.
+    for run in evaluations:
+        assert "evaluate/responses.json" in {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+    assert all(r.info.artifact_uri.startswith(f"file://{out}") or r.info.artifact_uri.startswith(str(out))
+               for r in children + [parent])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep_summary.json", "sweep.png"} <= artifacts
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep_summary.json")).read_text())

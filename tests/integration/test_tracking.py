@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -13,6 +14,8 @@ import ray
 
 from cai_ray.tracking import MlflowStore, NullStore, Store, open_store, stage_run
 from tests.conftest import make_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_null_store_satisfies_protocol():
@@ -96,3 +99,119 @@ def test_store_logs_through_a_real_mlflow_server_on_loopback(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(port: int, root) -> subprocess.Popen:
+    """The cluster's MLflow server script (jobs/mlflow_server.sh) on loopback, in its own process group."""
+    env = {**os.environ, "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_ROOT": str(root),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen(["bash", str(ROOT / "jobs" / "mlflow_server.sh"), "--foreground"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+            time.sleep(0.5)
+
+
+def _kill(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait(30)
+
+
+def test_artifacts_go_under_output_dir_never_the_cwd(tmp_path, tiny_base, monkeypatch, capsys):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    cfg = make_config(tmp_path, tiny_base, "tracking.experiment=artifacts-here")
+    store = open_store(cfg, "p")
+    store.log_text("hello", "notes/hello.txt")
+    run = mlflow.MlflowClient(cfg.tracking_uri).get_run(store.run_id)
+    assert run.info.artifact_uri.startswith((cfg.output_root / "mlartifacts").as_uri())
+    assert (cfg.output_root / "mlartifacts").rglob("hello.txt").__next__().read_text() == "hello"
+    assert list(cwd.iterdir()) == []
+    # An experiment made elsewhere keeps its location, and says so.
+    moved = make_config(tmp_path, tiny_base, "tracking.experiment=artifacts-here",
+                        f"tracking.artifact_root={tmp_path / 'elsewhere'}")
+    open_store(moved, "q")
+    assert "keeps the artifact location it was created with" in capsys.readouterr().err
+
+
+def test_unreachable_tracking_server_at_start_is_one_line_and_exit_2(tmp_path, tiny_base):
+    done = subprocess.run(
+        [sys.executable, "-m", "cai_ray", "generate", "configs/quickstart.yaml", f"model.path={tiny_base}",
+         f"output_dir={tmp_path / 'out'}", f"tracking.uri=http://127.0.0.1:{_port()}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cai-ray: error: tracking.uri=http://127.0.0.1:")
+    assert "no MLflow server answers" in lines[0]
+    assert not (tmp_path / "out" / "generate").exists()
+
+
+def test_calls_to_a_dead_server_are_dropped_counted_and_reported(tmp_path, capsys):
+    port = _port()
+    server = _mlflow_server(port, tmp_path)
+    uri = f"http://127.0.0.1:{port}"
+    parent = MlflowStore.start(uri, "dead", "parent")
+    parent.ledger, parent.retry, parent.reports_losses = str(tmp_path / "ledger"), (1, 60.0), True
+    child = parent.child("child")
+    _kill(server)
+    started = time.time()
+    child.log_metrics({"a": 1.0, "b": 2.0}, step=1)     # tried (one retry), then dropped
+    child.log_metrics({"a": 3.0}, step=2)               # within the pause: dropped at once
+    child.set_tags({"x": "y"})
+    assert time.time() - started < 30
+    parent.end()
+    err = capsys.readouterr().err
+    assert err.count("not logged to") == 1
+    assert "5 points could not be logged" in err and "metrics 3" in err and "tags 1" in err and "runs 1" in err
+
+
+def test_sft_survives_a_tracking_server_restart_and_later_points_land(tmp_path, tiny_base):
+    port, steps = _port(), 400
+    server = _mlflow_server(port, tmp_path)
+    uri = f"http://127.0.0.1:{port}"
+    sft = subprocess.Popen(
+        [sys.executable, "-m", "cai_ray", "sft", "configs/quickstart.yaml", f"model.path={tiny_base}",
+         f"output_dir={tmp_path / 'out'}", f"tracking.uri={uri}", f"sft.max_steps={steps}", "train.log_every=1",
+         "train.checkpoint_every=1000", "train.max_length=64", "tracking.retries=2", "tracking.pause_s=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+    try:
+        client = mlflow.MlflowClient(uri)
+        deadline = time.time() + 600
+        while True:  # kill the server once SFT has logged a few steps
+            assert time.time() < deadline and sft.poll() is None, sft.communicate()[1][-3000:]
+            exp = client.get_experiment_by_name("cai_ray")
+            runs = client.search_runs([exp.experiment_id], "tags.stage = 'sft'") if exp else []
+            history = client.get_metric_history(runs[0].info.run_id, "loss") if runs else []
+            if len(history) >= 3:
+                break
+            time.sleep(0.5)
+        run_id = runs[0].info.run_id
+        _kill(server)
+        time.sleep(8)
+        assert sft.poll() is None, "SFT ended while the server was down; raise sft.max_steps"
+        server = _mlflow_server(port, tmp_path)
+        out, err = sft.communicate(timeout=900)
+        assert sft.returncode == 0, err[-3000:]
+        assert (tmp_path / "out" / "sft").glob("*/manifest.json").__next__().is_file()
+        logged = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+        assert logged[:3] == [1, 2, 3] and logged[-1] == steps       # before the kill, and after the restart
+        assert len(logged) < steps                                   # the outage's points are missing ...
+        assert "points could not be logged" in err                  # ... counted, and said so at the end
+        assert client.get_run(run_id).info.status == "FINISHED"
+    finally:
+        if sft.poll() is None:
+            os.killpg(sft.pid, signal.SIGKILL)
+        _kill(server)

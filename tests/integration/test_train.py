@@ -179,6 +179,66 @@ def test_combined_adapter_equals_sft_then_dpo(tmp_path, tiny_base):
         assert torch.allclose(sequential.eval()(ids).logits, combined.eval()(ids).logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradients(tiny_base, lora):
+    from cai_ray.config import LoraConfig, ModelConfig
+    from cai_ray.train.lora import load_policy
+    from cai_ray.train.losses import sequence_logps
+
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads, layer_calls = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = load_policy(ModelConfig(path=tiny_base), tiny_base,
+                            LoraConfig(enabled=lora, r=4, alpha=8, dropout=0.1), checkpointing=checkpointing)
+        model.train()
+        calls = []
+        layer = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
+        # A pre-hook: the recomputation stops once it has what backward needs, before post-hooks.
+        layer.register_forward_pre_hook(lambda *_: calls.append(1))
+        torch.manual_seed(1)  # the same LoRA dropout masks in both runs
+        sequence_logps(model(input_ids=ids, use_cache=False).logits, ids).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        layer_calls.append(len(calls))
+    assert layer_calls == [1, 2], "with checkpointing, backward runs each layer's forward again"
+    assert grads[0].keys() == grads[1].keys() and any(g.abs().sum() > 0 for g in grads[0].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(trained):
+    """SFT (ZeRO-2) and DPO (ZeRO-3) again with gradient checkpointing, into another output folder
+    (the flag is a resource key: in the same folder the finished outputs would be reused)."""
+    from cai_ray.stages import dpo, sft
+
+    runs = {}
+    for kind, stage, base in (("sft", sft, trained["cfg"]), ("dpo", dpo, trained["dpo_cfg"])):
+        cfg = copy.deepcopy(base)
+        cfg.output_dir = str(Path(base.output_dir).parent / "out-checkpointed")
+        cfg.train.gradient_checkpointing = True
+        store = open_store(cfg, f"test-{kind}-checkpointed")
+        runs[kind] = dict(cfg=cfg, summary=stage.run(cfg, store), run=store.run_id)
+    yield runs
+
+
+def test_gradient_checkpointing_trains_the_same_under_zero2_and_zero3(trained, checkpointed):
+    def losses(cfg, run):
+        return {m.step: m.value for m in _history(cfg, run, "loss")}
+
+    sft_plain = losses(trained["cfg"], trained["sft_run"])
+    sft_checkpointed = losses(checkpointed["sft"]["cfg"], checkpointed["sft"]["run"])
+    # Only steps 2 and 4 compare: the run without checkpointing died after step 5 and its resumed
+    # steps restart the LoRA dropout's random stream.
+    for step in (2, 4):
+        assert sft_checkpointed[step] == pytest.approx(sft_plain[step], abs=1e-5), step
+    dpo_plain = losses(trained["dpo_cfg"], trained["dpo_run"])
+    dpo_checkpointed = losses(checkpointed["dpo"]["cfg"], checkpointed["dpo"]["run"])
+    assert sorted(dpo_checkpointed) == list(range(1, DPO_STEPS + 1))
+    for step, value in dpo_plain.items():
+        assert dpo_checkpointed[step] == pytest.approx(value, abs=1e-5), step
+
+
 @pytest.fixture(scope="module")
 def full_dpo(trained):
     """Full fine-tuning DPO (no LoRA, bf16, ZeRO-2, soft labels, 2 micro-batches per step) from the
@@ -203,10 +263,15 @@ def full_dpo(trained):
     finally:
         del os.environ["CAI_RAY_FAIL_ONCE"]
     cfg.train.resume = True
+    # The same global batch (2 x 2 x 2 = 8) on one worker: the same folder and run, other ZeRO shards.
+    one_worker = copy.deepcopy(cfg)
+    one_worker.train.workers, one_worker.train.grad_accum = 1, 4
+    with pytest.raises(ValueError) as other_world:
+        dpo.run(one_worker, NullStore())
     second = open_store(cfg, "test-dpo-full-resumed")
     summary = dpo.run(cfg, second)
     yield dict(cfg=cfg, error=str(failed.value), summary=summary, first_run=first.run_id,
-               second_run=second.run_id)
+               second_run=second.run_id, other_world=str(other_world.value), one_worker=one_worker)
 
 
 def test_failed_run_is_one_line_and_resume_true_continues_it(full_dpo):
@@ -214,6 +279,18 @@ def test_failed_run_is_one_line_and_resume_true_continues_it(full_dpo):
     manifest = _manifest(full_dpo["summary"])
     assert manifest["resumed_from_step"] == 4 and manifest["steps"] == DPO_STEPS
     assert manifest["ray_run"]["name"] in full_dpo["error"], "resume reuses the failed run's name"
+
+
+def test_resume_on_another_world_size_stops_with_one_line_naming_both(full_dpo):
+    from cai_ray.train.driver import output_dir
+
+    error = full_dpo["other_world"]
+    assert output_dir(full_dpo["one_worker"], "dpo") == Path(full_dpo["summary"]["output"])
+    assert len(error.splitlines()) == 1
+    assert "train.workers=1" in error and "step 4" in error and "written by 2 workers" in error
+    assert "ray_run.json to start over" in error
+    # The stopped attempt changed nothing: the resume on 2 workers continued from step 4.
+    assert _manifest(full_dpo["summary"])["resumed_from_step"] == 4
 
 
 def test_fresh_runs_get_new_names_and_resume_reuses_the_recorded_one(full_dpo):

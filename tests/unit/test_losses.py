@@ -229,6 +229,86 @@ def test_sequence_logps_matches_cross_entropy_and_upcasts_bf16():
     torch.testing.assert_close(low, expected, atol=0.05, rtol=0.02)
 
 
+def _per_row_logps(logits, labels):
+    """The implementation before chunking (one float32 [seq, vocab] copy per row kept for backward)."""
+    targets = labels[:, 1:]
+    mask = targets != -100
+    rows = []
+    for row_logits, row_targets in zip(logits[:, :-1], targets.masked_fill(~mask, 0)):
+        row = row_logits.float()
+        rows.append(row.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1))
+    per_token = torch.stack(rows)
+    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum(dim=-1)
+
+
+def _direct_logps(logits, labels):
+    targets = labels[:, 1:]
+    picked = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(targets != -100, picked, torch.zeros_like(picked)).sum(dim=-1)
+
+
+def _random_batch(dtype=torch.float32, rows=3, seq=9, vocab=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, seq, vocab, generator=g).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (rows, seq), generator=g)
+    labels[:, :3] = -100         # prompt
+    labels[rows - 1, 6:] = -100  # right padding
+    labels[1] = -100             # a row with nothing to score
+    return logits, labels
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 8, 100, None])
+def test_chunked_logps_equal_per_row_and_direct_values_and_gradients(chunk):
+    # Chunks of 1, uneven (5 of 8 scored positions), exact, and larger than the sequence.
+    logits, labels = _random_batch()
+    weights = torch.tensor([0.5, -2.0, 1.5])  # distinct per-row upstream gradients
+    got = sequence_logps(logits, labels, chunk=chunk)
+    (grad,) = torch.autograd.grad((got * weights).sum(), logits)
+    for reference in (_per_row_logps, _direct_logps):
+        want = reference(logits, labels)
+        (want_grad,) = torch.autograd.grad((want * weights).sum(), logits)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=0)
+    assert got[1] == 0 and grad[1].abs().sum() == 0 and grad[:, -1].abs().sum() == 0
+
+
+def test_chunked_logps_keep_no_float32_vocab_copy_for_backward():
+    # Everything saved for backward is either the bf16 logits themselves or [rows, positions]-sized;
+    # the per-row implementation saved one float32 [seq, vocab] upcast per row.
+    logits, labels = _random_batch(torch.bfloat16, seq=40, vocab=64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        sequence_logps(logits, labels, chunk=4)
+    big = [t for t in saved if t.numel() > logits.shape[0] * logits.shape[1]]
+    assert big and all(t.data_ptr() == logits.data_ptr() and t.dtype == torch.bfloat16 for t in big)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _per_row_logps(logits, labels)
+    assert any(t.dtype == torch.float32 and t.shape == (40 - 1, 64) for t in saved)
+
+
+def test_chunked_logps_on_bf16_match_the_per_row_upcast():
+    logits, labels = _random_batch(torch.bfloat16)
+    got = sequence_logps(logits, labels, chunk=3)
+    want = _per_row_logps(logits, labels)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    (grad,) = torch.autograd.grad(got.sum(), logits)
+    (want_grad,) = torch.autograd.grad(want.sum(), logits)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad, want_grad, atol=0, rtol=0)
+
+
+def test_chunked_logps_run_without_gradients_and_reject_a_bad_chunk():
+    logits, labels = _random_batch()
+    with torch.no_grad():
+        got = sequence_logps(logits, labels, chunk=2)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, _direct_logps(logits.detach(), labels), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="chunk"):
+        sequence_logps(logits, labels, chunk=0)
+
+
 def test_sft_loss_hand_case_is_mean_over_label_tokens():
     # Two label tokens in the batch, total -ln 8 -> mean cross-entropy ln(8)/2 = 1.039721.
     logits, labels = _hand_batch()
@@ -249,6 +329,25 @@ def test_sft_loss_ignores_masked_positions():
     assert logits.grad[:, :2].abs().sum() == 0
     assert logits.grad[1, 5].abs().sum() == 0
     assert logits.grad[0, 5].abs().sum() > 0
+
+
+def test_sft_loss_over_micro_batches_with_the_step_token_count_is_the_global_mean():
+    # Micro-batches of 1 and 3 rows hold 7 and 2 + 7 + 7 = 16 label tokens: 23 in the step.  With
+    # n_tokens = 23 / 2 (two micro-batches, averaged the way DeepSpeed accumulates), the mean of the two
+    # losses is the token mean over all 4 rows; the micro-batch means weigh the rows differently.
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 8, 11, generator=g)
+    labels = torch.randint(0, 11, (4, 8), generator=g)
+    labels[1, :6] = -100                           # 2 label tokens in row 1, 7 in rows 0, 2, 3
+    split = [slice(0, 1), slice(1, 4)]
+    assert [int((labels[s, 1:] != -100).sum()) for s in split] == [7, 16]
+    whole = sft_loss(logits, labels)
+    parts = [sft_loss(logits[s], labels[s], n_tokens=23 / 2) for s in split]
+    assert (parts[0] + parts[1]).item() / 2 == pytest.approx(whole.item(), abs=1e-6)
+    means = [sft_loss(logits[s], labels[s]) for s in split]
+    assert (means[0] + means[1]).item() / 2 != pytest.approx(whole.item(), abs=1e-3)
+    with pytest.raises(ValueError, match="n_tokens"):
+        sft_loss(logits, labels, n_tokens=0)
 
 
 @pytest.mark.parametrize("logits,labels,field", [

@@ -335,6 +335,8 @@ STYLES = ["technical_precise", "noir_detective", "formal_academic", "poetic_lite
           "socratic_questioning", "casual_conversational", "grumpy_old_person", "french_phrases",
           "storytelling_narrative", "enthusiastic_excited", "minimalist_terse", "overexcited_child"]
 TRAIN_SETS = ("red_team", "helpful", "helpful_sft", "cai_mix")
+# `label --check`'s pairs (chosen clearly better than rejected); never trained on.
+EXPECTED["feedback_check"] = ({"chosen", "rejected", "category"}, 32)
 
 
 def shipped(name):

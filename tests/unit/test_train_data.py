@@ -257,3 +257,41 @@ def test_total_steps_from_epochs_or_max_steps():
     assert total_steps(41, train, world=2, epochs=2, max_steps=-1) == 11
     assert total_steps(3, train, world=2, epochs=1, max_steps=-1) == 1
     assert total_steps(40, train, world=2, epochs=1, max_steps=7) == 7
+
+
+@pytest.mark.parametrize("batch, accum, world", [(1, 1, 12), (2, 3, 2), (3, 4, 1), (6, 1, 2), (1, 4, 3)])
+def test_each_step_sees_the_same_examples_for_the_same_global_batch_on_any_split(batch, accum, world):
+    # Global batch 12 of 30 examples: steps cross epoch boundaries (30 is not a multiple of 12).
+    reference = Schedule(30, 12, 1, 1, seed=3)
+    sched = Schedule(30, batch, accum, world, seed=3)
+    for step in range(6):
+        want = reference.micro_batch(step, 0, 0)
+        got = [i for micro in range(accum) for rank in range(world)
+               for i in sched.micro_batch(step, micro, rank).tolist()]
+        assert sorted(got) == sorted(want.tolist())
+        assert sched.global_batch(step).tolist() == want.tolist()
+
+
+def test_label_tokens_count_what_the_loss_scores(tok):
+    rows = [{"prompt": PROMPT, "completion": " Put it in boiling water."},
+            {"prompt": "Why is the sky blue?", "completion": "Light scatters."},
+            {"prompt": PROMPT, "completion": " Yes."}]
+    data = tokenize(tok, rows, "sft", max_length=512)
+    indices = np.array([2, 0, 2])  # a later epoch can repeat an example within a step
+    batch = collate(data, indices, tok.pad_token_id)
+    assert data.label_tokens(indices) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def test_train_hash_keeps_the_global_batch_not_its_split(tmp_path):
+    from cai_ray.config import stage_hash
+
+    base = _cfg(tmp_path, "train.workers=2", "train.batch_size=4", "train.grad_accum=1")
+    same = [_cfg(tmp_path, "train.workers=1", "train.batch_size=4", "train.grad_accum=2"),
+            _cfg(tmp_path, "train.workers=8", "train.batch_size=1", "train.grad_accum=1",
+                 "train.gradient_checkpointing=true", "train.zero_stage=3")]
+    other = [_cfg(tmp_path, "train.workers=4", "train.batch_size=4", "train.grad_accum=1"),
+             _cfg(tmp_path, "train.workers=2", "train.batch_size=4", "train.grad_accum=2")]
+    for kind in ("sft", "dpo"):
+        assert all(stage_hash(c, kind) == stage_hash(base, kind) for c in same)
+        assert all(stage_hash(c, kind) != stage_hash(base, kind) for c in other)
+    assert stage_hash(other[0], "generate") == stage_hash(base, "generate")
