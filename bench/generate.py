@@ -1,9 +1,10 @@
-"""Throughput of the generate stage against the same engine without Ray, and of two vLLM paths.
+"""Throughput of the generate stage against the same engine without Ray, on both backends.
 
-Run (about 11 minutes on 2 quiet cores; the tiny model is built in a temp folder):
+Run (about 15 minutes on 2 quiet cores; the tiny model is built in a temp folder):
 
     . .venv/bin/activate && python bench/generate.py [--prompts 4096] [--batch-size 32]
-        [--c-prompts 384] [--cap 120] [--no-vllm] [--workdir DIR]
+        [--c-prompts 384] [--cap 120] [--no-vllm | --no-hf] [--v-prompts 2048] [--in-flight 8]
+        [--workdir DIR]
 
 One run, one tiny Llama, the same synthetic prompts and the same settings for every variant:
 few_shot=1, 2 critique/revision rounds (5 engine calls per chain), temperature 0.9 with per-row
@@ -23,6 +24,11 @@ gets cheaper text by stopping early.  Each row gives prompts/s, completion token
   d, d'   when ``import vllm`` works: the initial-step prompts only, greedy, through our ``vllm``
           backend called as an actor calls it, and through ``ray.data.llm``'s vLLM processor,
           both fed identical token ids.
+  e1, eN  ``cai-ray generate`` on the vLLM backend (1 actor of 1 CPU, --v-prompts prompts, the
+          same sampling) with 1 and --in-flight batches per actor (generate.batches_in_flight):
+          every row runs its own chain on vLLM's async engine.
+  f       the vLLM engine's own ceiling, no Ray: every prompt eN's chains sent (rebuilt from its
+          rows, with their seeds), in one generate call.  eN/f is the chain's share of it.
 
 "steady" leaves out start-up and every worker's first batch (stage timings come from the part
 files' names, which carry their write time).  "CPU s" is CPU time of this process and all its
@@ -48,7 +54,7 @@ from cai_ray.runtime import BASE_ENV, LOOPBACK_ENV
 
 # The issue's a/c target is the stage against the predecessors' way on the same two cores:
 # a2 against the faster of c2 and c1.  a1/c1 (one core each) is printed for the per-core gain.
-TARGETS = {"a2/b2": ">= 0.85", "a1/b1": ">= 0.85", "a2/c": ">= 5"}
+TARGETS = {"a2/b2": ">= 0.85", "a1/b1": ">= 0.85", "a2/c": ">= 5", "eN/f": ">= 0.8 (steady)"}
 
 
 def _config(root: Path, model: str, data: Path, args, *extra: str):
@@ -164,8 +170,8 @@ def start_ray(cfg) -> dict:
     return {"ray_start": ray_start, "omp": omp, "actor_start": actor_start, "actor_cpu": actor_cpu}
 
 
-def bench_stage(cfg, actors: int, actor_start: float) -> tuple[dict, dict]:
-    """(a): the stage itself; returns the table row and {id: final} for the agreement check."""
+def bench_stage(cfg, actors: int, actor_start: float, name: str = "") -> tuple[dict, dict]:
+    """(a), (e): the stage itself; returns the table row and {id: final} for the agreement check."""
     import pyarrow.parquet as pq
 
     from cai_ray.stages.generate import run
@@ -178,9 +184,11 @@ def bench_stage(cfg, actors: int, actor_start: float) -> tuple[dict, dict]:
     chains = Path(summary["output"]) / "chains"
     events = [(int(p.name.split("-")[1]) / 1e9, pq.read_metadata(p).num_rows)
               for p in chains.glob("part-*.parquet")]
-    row = _row(f"a{actors}  cai-ray generate (stage)", f"{actors} actor{'s' if actors > 1 else ''} x 1 CPU",
+    # Batches in flight finish together at first: the steady rate starts after all of them.
+    skip = actors * cfg.generate.batches_in_flight
+    row = _row(name or f"a{actors}  cai-ray generate (stage)", f"{actors} actor{'s' if actors > 1 else ''} x 1 CPU",
                summary["generated_rows"], summary["seconds"], summary["completion_tokens"],
-               actor_start, _steady(events, actors), load, cpu)
+               actor_start, _steady(events, skip), load, cpu)
     parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if k != "total" and v >= 0.05)
     row["note"] = (f"stage wall {wall:.1f}s with prepare + finalize; start s = one actor, timed "
                    f"alone; CPU s by process: {parts}")
@@ -299,6 +307,83 @@ def run_vllm(cfg, rows: list[dict]) -> tuple[list[dict], list[tuple]]:
     return [d, d2], [ratio]
 
 
+def chain_prompts(cfg, chains: list[dict]) -> tuple[list[str], list[int]]:
+    """Every prompt the chain sent, rebuilt from its rows, and the seed it went with."""
+    from cai_ray.constitution import (critique_prompt, draw_principle, initial_prompt, load_constitution,
+                                      revision_prompt)
+    from cai_ray.constitution.chain import row_seed
+
+    g, constitution = cfg.generate, load_constitution(cfg.generate.constitution)
+    prompts, seeds = [], []
+    for row in chains:
+        sent = [(initial_prompt(row["prompt"], g.few_shot), "initial", 0)]
+        current = row["initial"]
+        for r, step in enumerate(row["rounds"], 1):
+            principle = draw_principle(constitution, cfg.seed, row["id"], r)
+            sent.append((critique_prompt(row["prompt"], current, principle, g.few_shot), "critique", r))
+            if step["revision_finish"] is None:  # the critique ended the row
+                break
+            sent.append((revision_prompt(row["prompt"], current, principle, step["critique"], g.few_shot),
+                         "revision", r))
+            current = step["revision"]
+        prompts += [text for text, _, _ in sent]
+        seeds += [row_seed(g.sampling.seed, row["id"], step, r) for _, step, r in sent]
+    return prompts, seeds
+
+
+def bench_ceiling(cfg, chains: list[dict]) -> dict:
+    """(f): the vLLM engine's own ceiling, no Ray: every prompt the chain sent, with its seed,
+    in one generate call (same prompt lengths, same output lengths)."""
+    from cai_ray.constitution import STOP
+    from cai_ray.engines import make_engine
+
+    prompts, seeds = chain_prompts(cfg, chains)
+    load = os.getloadavg()[0]
+    t0, meter = time.perf_counter(), CpuMeter()
+    engine = make_engine(cfg.model, cfg.engine)
+    startup = time.perf_counter() - t0
+    outs = engine.generate(prompts, cfg.generate.sampling, seeds=seeds, stop=list(STOP))
+    end = time.perf_counter()
+    cpu = meter.stop()  # before close: the engine's processes are gone after it
+    engine.close()
+    row = _row("f   vLLM engine, one call (ceiling)", "1 process + vLLM engine procs", len(chains), end - t0,
+               sum(o.completion_tokens for o in outs), startup, len(chains) / (end - t0 - startup), load, cpu)
+    row["note"] = (f"{len(prompts)} prompts in one call, {sum(o.finish_reason == 'error' for o in outs)} "
+                   f"error rows; steady = the call alone, start-up left out")
+    return row
+
+
+def run_vllm_chain(args, root: Path, model: str, data: Path) -> tuple[list[dict], list[tuple], list[str]]:
+    """(e1), (eN) the stage on the vLLM backend with 1 and --in-flight batches per actor, then (f)."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from cai_ray.config import stage_dir
+    from cai_ray.runtime import init_ray
+
+    out, chains = [], None
+    for k in (1, args.in_flight):
+        # No LoRA in generation: max_lora_rank=0 spares vLLM its adapter bookkeeping (train.lora
+        # off only lifts the check that evaluate could load a DPO adapter).
+        cfg = _config(root / f"e{k}", model, data, args, "generate.actors=1", "engine.backend=vllm",
+                      f"generate.batches_in_flight={k}", "train.lora.enabled=false")
+        init_ray(cfg)
+        name = f"e{'1' if k == 1 else 'N'}  vllm stage, {k} batch{'es' if k > 1 else ''} in flight"
+        row, _ = bench_stage(cfg, 1, float("nan"), name)
+        ray.shutdown()
+        row["budget"] = "1 actor x 1 CPU + vLLM procs"
+        row["note"] += "; start s = engine start, inside the stage's total"
+        out.append(row)
+        chains = pq.read_table(stage_dir(cfg, "generate") / "chains").to_pylist()
+    out.append(bench_ceiling(cfg, chains))
+    t = {"e1": out[0], "eN": out[1], "f": out[2]}
+    ratios = [_ratio(t, "eN", "f"), _ratio(t, "eN", "e1"), _ratio(t, "e1", "f")]
+    notes = [f"eN: {args.in_flight} batches of {args.batch_size} in flight per actor; every completion is "
+             f"{args.tokens} tokens, so prompts/s ratios are tokens/s ratios; steady leaves out each "
+             f"stage's first batches in flight (e1: 1, eN: {args.in_flight})"]
+    return out, ratios, notes
+
+
 def _fmt(x, spec: str) -> str:
     return "-" if x is None or x != x else format(x, spec)
 
@@ -383,7 +468,10 @@ def main() -> None:
     parser.add_argument("--c-prompts", type=int, default=384, help="prompts for (c), each of c2 and c1")
     parser.add_argument("--cap", type=float, default=120.0,
                         help="seconds after which (b) and (c) stop early (rows done are reported)")
-    parser.add_argument("--no-vllm", action="store_true", help="skip (d) even if vllm imports")
+    parser.add_argument("--no-vllm", action="store_true", help="skip (d), (e), (f) even if vllm imports")
+    parser.add_argument("--no-hf", action="store_true", help="skip (a), (b), (c) and (d): the vLLM chain only")
+    parser.add_argument("--v-prompts", type=int, default=2048, help="prompts for (e1), (eN) and (f)")
+    parser.add_argument("--in-flight", type=int, default=8, help="generate.batches_in_flight of (eN)")
     parser.add_argument("--workdir", default=None, help="outputs go here (default: a new temp folder)")
     args = parser.parse_args()
     for key, value in {**BASE_ENV, **LOOPBACK_ENV, "VLLM_LOGGING_LEVEL": "WARNING"}.items():
@@ -393,18 +481,24 @@ def main() -> None:
     root = Path(args.workdir or tempfile.mkdtemp(prefix="cai-bench-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     model, started = str(build_tiny(root / "tiny-base", "base")), time.time()
-    data = _write_prompts(root / "prompts.jsonl", args.prompts)
-    rows_out, ratios, notes, cfg, rows = run_hf(args, root, model, data)
+    rows_out, ratios, notes = [], [], []
+    if not args.no_hf:
+        data = _write_prompts(root / "prompts.jsonl", args.prompts)
+        rows_out, ratios, notes, cfg, rows = run_hf(args, root, model, data)
     try:
         import vllm  # noqa: F401
         has_vllm = True
     except Exception:  # noqa: BLE001 - a broken install means (d) cannot run here either
         has_vllm = False
     if has_vllm and not args.no_vllm:
-        more_rows, more_ratios = run_vllm(cfg, rows)
-        rows_out, ratios = rows_out + more_rows, ratios + more_ratios
+        if not args.no_hf:
+            more_rows, more_ratios = run_vllm(cfg, rows)
+            rows_out, ratios = rows_out + more_rows, ratios + more_ratios
+        data = _write_prompts(root / "prompts-v.jsonl", args.v_prompts)
+        more_rows, more_ratios, more_notes = run_vllm_chain(args, root, model, data)
+        rows_out, ratios, notes = rows_out + more_rows, ratios + more_ratios, notes + more_notes
     else:
-        notes.append("(d) skipped: " + ("--no-vllm" if args.no_vllm else "`import vllm` failed"))
+        notes.append("(d), (e), (f) skipped: " + ("--no-vllm" if args.no_vllm else "`import vllm` failed"))
     notes.append(f"whole benchmark {time.time() - started:.0f}s; load average now "
                  f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; OMP_WAIT_POLICY="
                  f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}")

@@ -1,4 +1,4 @@
-"""Judge throughput: Serve with dynamic batching against the same judge one request at a time.
+"""Judge throughput: Serve, batching across requests, against the same judge one request at a time.
 
 Same tiny chat judge, same engine settings, same prompts (the shipped red-team
 eval set with a fixed reply, StrongREJECT rubric, chat template) in every row:
@@ -7,8 +7,14 @@ eval set with a fixed reply, StrongREJECT rubric, chat template) in every row:
                                torch limited to the replica's CPU count: the baseline
   Serve HTTP, 1 at a time      the deployment over HTTP, sequential requests
   Serve HTTP, N concurrent     the same deployment, N client threads: requests batch
+                               (hf: merged into the engine's next call; vLLM: continuously)
   JudgeClient (handle)         cai_ray.judge.client over a DeploymentHandle, as evaluate uses it
-  engine direct, batches       the engine fed full batches in-process: the most batching can give
+  engine direct, batches       the engine fed full batches in-process: the batched ceiling
+                               that "vs ceiling" divides by
+  engine direct, all in one    every request in one generate() call, for reference
+
+Each backend's engine runs in the replica (vLLM: its engine process beside it).  The load
+average is printed: the machine's other work moves every row, so compare rows of one run.
 
 Run:  python bench/judge.py [--requests 120] [--concurrency 32] [--max-new-tokens 64] [--backend hf|vllm]
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -59,7 +66,7 @@ def _setup(args, root: Path):
     cfg = load_config(None, [
         f"model.path={model}", f"output_dir={root / 'out'}", "runtime.num_cpus=2", "tracking.enabled=false",
         f"judge.model.path={model}", "judge.model.role=instruct", f"judge.port={args.port}",
-        "judge.num_cpus=1", f"judge.max_batch_size={args.batch}", f"judge.engine.batch_size={args.batch}",
+        "judge.num_cpus=1", f"judge.engine.batch_size={args.batch}",
         f"judge.sampling.max_new_tokens={args.max_new_tokens}", f"judge.engine.backend={args.backend}",
         "judge.engine.max_lora_rank=0"])
     init_ray(cfg)
@@ -115,6 +122,11 @@ def _measure(args, judge) -> tuple[list[tuple], list[dict]]:
     wall = time.perf_counter() - start
     table.append((f"engine direct, batches of {args.batch} (ceiling)", wall, args.requests / wall,
                   None, None))
+    # For reference: every request in one call (vLLM schedules them all at once, hf in chunks).
+    start = time.perf_counter()
+    direct(*rows)
+    wall = time.perf_counter() - start
+    table.append((f"engine direct, all {args.requests} in one call", wall, args.requests / wall, None, None))
     engine.close()
     return table, scored
 
@@ -123,7 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=120)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=16, help="judge.max_batch_size")
+    parser.add_argument("--batch", type=int, default=16,
+                        help="judge.engine.batch_size and the ceiling's batch size")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="the judge config's default")
     parser.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     parser.add_argument("--port", type=int, default=18431)
@@ -136,16 +149,17 @@ def main() -> None:
         table, scored = _measure(args, judge)
     finally:
         serve.shutdown()
-    direct_rps, serve_rps = table[0][2], table[1][2]
+    direct_rps, serve_rps, ceiling_rps = table[0][2], table[1][2], table[-2][2]
     print(f"\njudge bench: tiny chat judge ({args.backend}), {args.requests} requests, greedy, "
-          f"max_new_tokens={args.max_new_tokens}, max_batch_size={args.batch}, "
-          f"1 replica x {judge.num_cpus:g} CPU")
+          f"max_new_tokens={args.max_new_tokens}, engine batch_size={args.batch}, "
+          f"1 replica x {judge.num_cpus:g} CPU, load average {os.getloadavg()[0]:.1f} at the end")
     print(f"{'mode':<40}{'wall s':>7}{'req/s':>8}{'p50 ms':>8}{'p95 ms':>8}"
-          f"{'vs direct':>10}{'vs Serve 1x1':>13}")
+          f"{'vs direct':>10}{'vs Serve 1x1':>13}{'vs ceiling':>11}")
     for name, wall, rps, p50, p95 in table:
         cells = "".join(f"{x * 1000:>8.0f}" if x is not None else f"{'-':>8}" for x in (p50, p95))
-        ratios = f"{rps / direct_rps:>9.1f}x{rps / serve_rps:>12.1f}x"
+        ratios = f"{rps / direct_rps:>9.1f}x{rps / serve_rps:>12.1f}x{rps / ceiling_rps:>10.2f}x"
         print(f"{name:<40}{wall:>7.2f}{rps:>8.1f}{cells}{ratios}")
+    print(f"target: Serve HTTP, {args.concurrency} concurrent >= 0.80x the ceiling")
     failed = sum(r["failed"] for r in scored)
     parsed = sum(r["parse_ok"] for r in scored)
     print(f"client rows: {len(scored)} returned, {failed} failed, {parsed} parsed "

@@ -201,6 +201,10 @@ class GenerateConfig:
     resources: dict[str, float] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     batch_size: int = 16
+    # Batches one actor works on at once.  With engine.backend=vllm their rows join one
+    # continuously batching engine, so more of them keep it full (aim for a few hundred rows
+    # per actor); the hf engine runs one call at a time and gains nothing from more than 1.
+    batches_in_flight: int = 1
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     # The job fails only when more rows than this fraction end as errors.
@@ -214,6 +218,7 @@ class GenerateConfig:
         _positive(f"{key}.rounds", self.rounds)
         _positive(f"{key}.actors", self.actors)
         _positive(f"{key}.batch_size", self.batch_size)
+        _positive(f"{key}.batches_in_flight", self.batches_in_flight)
         _positive(f"{key}.num_gpus_per_actor", self.num_gpus_per_actor, zero_ok=True)
         _placement(key, self.resources, self.labels, f"{key}.num_cpus_per_actor", f"{key}.num_gpus_per_actor")
         _fraction(f"{key}.max_error_rate", self.max_error_rate)
@@ -407,8 +412,9 @@ class JudgeConfig:
     labels: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 8321
+    # Requests each evaluate scorer keeps in flight, so the replicas' engines can batch them
+    # (vLLM continuously; hf merges the requests waiting while its last call ran).
     max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.05
     max_ongoing_requests: int = 64
     max_queued_requests: int = 512
     max_request_chars: int = 20000
@@ -779,7 +785,8 @@ STAGE_SECTIONS = {
 }
 RESOURCE_KEYS = {
     "engine": ("batch_size", "tensor_parallel_size", "gpu_memory_utilization", "cpu_kv_cache_gib"),
-    "generate": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size", "resources", "labels"),
+    "generate": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size", "batches_in_flight",
+                 "resources", "labels"),
     # ZeRO and gradient checkpointing change memory, not numbers; precision changes the numbers.
     # How the global batch is split (per-worker batch x accumulation x workers) is a resource
     # too: the hash keeps the product, and every split gives each step the same examples.

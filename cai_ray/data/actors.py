@@ -1,4 +1,8 @@
-"""Ray Data actors: one inference engine per actor, loaded once, fed batches."""
+"""Ray Data actors: one inference engine per actor, loaded once, fed batches.
+
+``__call__`` is a coroutine, so Ray Data can hand one actor several batches at
+once (``generate.batches_in_flight``): their rows share the actor's engine.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import pandas as pd
 from cai_ray import quality
 from cai_ray.config import Config
 from cai_ray.constitution import load_constitution
-from cai_ray.constitution.chain import helpful_replies, run_chains
+from cai_ray.constitution.chain import helpful_replies_async, run_chains_async
 from cai_ray.engines import make_engine
 
 
@@ -25,7 +29,7 @@ class RevisionActor:
         self.constitution = load_constitution(cfg.generate.constitution)
         self.engine = make_engine(cfg.model, cfg.engine)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         g = self.cfg.generate
         prompts = batch.to_dict("records")
         harm = [p for p in prompts if p.get("purpose", "harm") != "helpful"]
@@ -33,10 +37,10 @@ class RevisionActor:
         rows = []
         try:
             if harm:
-                rows += run_chains(self.engine, harm, self.constitution, g.rounds, g.few_shot,
-                                   g.sampling, self.cfg.seed)
-            if helpful:
-                rows += helpful_replies(self.engine, helpful, g.helpful_few_shot, g.sampling)
+                rows += await run_chains_async(self.engine, harm, self.constitution, g.rounds, g.few_shot,
+                                               g.sampling, self.cfg.seed)
+            if helpful:  # after the chains: one batch in flight never mixes two few-shot prefixes in an hf call
+                rows += await helpful_replies_async(self.engine, helpful, g.helpful_few_shot, g.sampling)
         except Exception as exc:  # noqa: BLE001 - recorded per row, counted by the stage
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             rows = [{"id": p["id"], "prompt": p["prompt"], "purpose": p.get("purpose", "harm"),

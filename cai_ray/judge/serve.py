@@ -7,6 +7,12 @@ paths validate with the same schema and return the same body:
     verdict  {id, rubric, value, parse_ok, raw, error, fields}
     rejected {id, status, error}     (HTTP: the same status code; no retry helps)
 
+Each request goes straight to the engine's ``agenerate``, which batches across
+requests: vLLM continuously (a request joins the running batch and leaves it
+when done), hf by running what arrived while its previous call ran as the next
+call, in whole ``judge.engine.batch_size`` chunks, with no batch timeout (a lone
+request starts at once).
+
 The prompt format follows ``judge.model.role`` and is fixed when a replica
 starts: an instruct judge always sees the rubric's chat messages through its
 own chat template, a base judge the rubric's few-shot text, cut at the next
@@ -16,7 +22,6 @@ request, so the format can be checked from outside.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import urllib.error
@@ -98,8 +103,6 @@ class JudgeDeployment:
             self.format, self._stop = "chat", None
         else:
             self.format, self._stop = "fewshot", list(BASE_STOP)
-        self._generate.set_max_batch_size(judge.max_batch_size)
-        self._generate.set_batch_wait_timeout_s(judge.batch_wait_timeout_s)
 
     def check_health(self) -> None:
         if self._engine is None:
@@ -117,38 +120,37 @@ class JudgeDeployment:
         except ValueError as exc:  # unknown style, or a style given to a rubric without one
             raise RequestError(422, str(exc), req.id) from None
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)  # set from config in __init__
-    async def _generate(self, prompts: list[str]) -> list:
+    async def _verdict(self, req: JudgeRequest) -> dict:
+        prompt = self._prompt(req)
         # Seeds follow the prompt text, so a sampled verdict does not depend on its batch-mates.
-        seeds = [self.judge.sampling.seed + zlib.crc32(p.encode()) for p in prompts]
+        seed = self.judge.sampling.seed + zlib.crc32(prompt.encode())
         try:
-            # In a thread: the replica keeps taking requests (and filling the next batch) meanwhile.
-            return await asyncio.to_thread(self._engine.generate, prompts, self.judge.sampling,
-                                           seeds=seeds, stop=self._stop)
+            done, = await self._engine.agenerate([prompt], self.judge.sampling, seeds=[seed], stop=self._stop)
         except Exception as exc:
             self._failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
             raise
-
-    async def score(self, payload: dict) -> dict:
-        """Handle entry point: a verdict, or a rejection body with its status."""
-        try:
-            req = parse_request(payload, self.judge.max_request_chars)
-            done = await self._generate(self._prompt(req))
-        except RequestError as exc:
-            return exc.body()
         if done.finish_reason == "error":
             return RequestError(413, f"judge could not run the prompt: {done.error}", req.id).body()
         verdict = get_rubric(req.rubric).parse(done.text)
         return {"id": req.id, "rubric": req.rubric, "value": verdict.value, "parse_ok": verdict.parse_ok,
                 "raw": verdict.raw, "error": verdict.error, "fields": verdict.fields}
 
+    async def score(self, payload: dict) -> dict:
+        """Handle entry point: a verdict, or a rejection body with its status."""
+        try:
+            return await self._verdict(parse_request(payload, self.judge.max_request_chars))
+        except RequestError as exc:
+            return exc.body()
+
     async def render(self, payload: dict) -> dict:
         """The exact prompt the judge model would see for ``payload``."""
         try:
-            req = parse_request(payload, self.judge.max_request_chars)
-            return {"id": req.id, "format": self.format, "prompt": self._prompt(req), "stop": self._stop}
+            return self._render(parse_request(payload, self.judge.max_request_chars))
         except RequestError as exc:
             return exc.body()
+
+    def _render(self, req: JudgeRequest) -> dict:
+        return {"id": req.id, "format": self.format, "prompt": self._prompt(req), "stop": self._stop}
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse
@@ -162,7 +164,7 @@ class JudgeDeployment:
                                  "use POST / (score), POST /render or GET /healthz"}, status_code=404)
         try:
             req = parse_request(await request.body(), self.judge.max_request_chars)
-            body = await (self.render if sub else self.score)(req.model_dump())
+            body = self._render(req) if sub else await self._verdict(req)
         except RequestError as exc:
             body = exc.body()
         except Exception as exc:  # the engine failed; the client may retry on another replica

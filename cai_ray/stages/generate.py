@@ -72,9 +72,10 @@ def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) ->
     # Ray Data bundles blocks up to batch_size rows, so a task ran two blocks (a full batch and
     # a ragged one) and a kill lost up to twice the rows in flight per actor.
     ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // g.batch_size)))
+    # The actor's __call__ is async: Ray Data runs up to batches_in_flight of its batches at once.
+    pool = ray.data.ActorPoolStrategy(size=g.actors, max_concurrent_calls_per_actor=g.batches_in_flight)
     ds = ds.map_batches(RevisionActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=None,
-                        batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=g.actors),
-                        **placement("generate", g).ray_options())
+                        batch_format="pandas", compute=pool, **placement("generate", g).ray_options())
     start, rows, tokens, last = time.time(), 0, 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         _write_part(chains, batch)

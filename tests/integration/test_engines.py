@@ -1,11 +1,12 @@
 """The hf and vLLM engines on the tiny offline Llama.
 
-vLLM tests share one ``LLM`` (start-up is 15-40 s on CPU).  vLLM spawns
+vLLM tests share one engine (start-up is 15-40 s on CPU, longer on a busy machine).  vLLM spawns
 worker processes that re-import ``__main__``; under pytest that is harmless.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import subprocess
@@ -253,6 +254,55 @@ def test_vllm_lora_matches_hf(tiny, hf, vllm_engine):
     prompts, conts = ["the answer is", "hello "], [" yes", "there friend"]
     assert vllm_engine.score(prompts, conts, adapter=tiny.adapter) == \
            pytest.approx(hf.score(prompts, conts, adapter=tiny.adapter), abs=1e-3)
+
+
+# -- async entry point -------------------------------------------------------------
+
+LONG, SHORT = (SamplingConfig(temperature=0.0, max_new_tokens=n, min_new_tokens=n) for n in (48, 2))
+
+
+async def _finish_order(engine) -> list[str]:
+    """A long request, then a short one, in flight together: which finished first."""
+    order = []
+
+    async def ask(name, params):
+        await engine.agenerate(PROMPTS[:1], params)
+        order.append(name)
+
+    await asyncio.gather(ask("long", LONG), ask("short", SHORT))
+    return order
+
+
+def test_hf_agenerate_merges_concurrent_rows_into_one_call(hf):
+    calls = []
+    generate = hf.generate
+    hf.generate = lambda prompts, *a, **kw: calls.append(len(prompts)) or generate(prompts, *a, **kw)
+    try:
+        async def rows():
+            return await asyncio.gather(*(hf.agenerate([p], GREEDY) for p in PROMPTS))
+
+        got = [c for (c,) in asyncio.run(rows())]
+        order = asyncio.run(_finish_order(hf))
+    finally:
+        del hf.generate
+    assert calls[0] == len(PROMPTS) and got == hf.generate(PROMPTS, GREEDY)
+    # Calls run one at a time, in the order they were asked for.
+    assert order == ["long", "short"] and calls[1:] == [1, 1]
+
+
+@pytest.mark.vllm
+def test_vllm_agenerate_rows_finish_on_their_own(hf, vllm_engine):
+    sampled = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=12)
+
+    async def rows():
+        return await asyncio.gather(*(vllm_engine.agenerate([p], sampled, seeds=[7 + i])
+                                      for i, p in enumerate(PROMPTS)))
+
+    # One request per row gives what one batch call gives, sampled rows included (per-row seeds).
+    assert [c for (c,) in asyncio.run(rows())] == vllm_engine.generate(PROMPTS, sampled, seeds=[7, 8, 9, 10])
+    assert vllm_engine.generate(PROMPTS, GREEDY) == hf.generate(PROMPTS, GREEDY)
+    # Continuous batching: the short request joined the long one's batch and left it first.
+    assert asyncio.run(_finish_order(vllm_engine)) == ["short", "long"]
 
 
 @pytest.mark.vllm

@@ -225,3 +225,21 @@ def test_empty_dataset_and_eval_overlap_are_refused(tmp_path, tiny_base):
     done = cai("generate", "configs/quickstart.yaml", *_args(tmp_path, tiny_base, leaked))
     assert done.returncode != 0 and "overlap" in done.stderr and "samples:red_team_eval" in done.stderr
     assert not (tmp_path / "out" / "generate").exists()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_stage_with_batches_in_flight_writes_the_chains_of_the_hf_stage(tmp_path, tiny_base):
+    pytest.importorskip("vllm")
+    # Rows of three batches share one async vLLM engine and move through their steps on their own;
+    # greedy tokens match hf's, so every field of every chain must come out as the hf stage writes it.
+    data = _prompts(tmp_path / "p.jsonl", 22, helpful=5)
+    common = ("generate.actors=1", "generate.sampling.temperature=0", "generate.helpful_few_shot=1")
+    chains = {}
+    for backend, extra in (("hf", ()), ("vllm", ("generate.batches_in_flight=3",))):
+        done = cai("generate", "configs/quickstart.yaml", *_args(
+            tmp_path / backend, tiny_base, data, f"engine.backend={backend}", *common, *extra), timeout=1200)
+        assert done.returncode == 0, done.stderr[-3000:]
+        chains[backend] = sorted(pq.read_table(_out(tmp_path / backend) / "chains").to_pylist(),
+                                 key=lambda r: r["id"])
+    assert len(chains["vllm"]) == 27 and chains["vllm"] == chains["hf"]

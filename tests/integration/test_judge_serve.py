@@ -205,3 +205,26 @@ def test_replica_killed_during_scoring_loses_no_row(judge):
     assert rejected["failed"] and "422" in rejected["error"] and rejected["attempts"] == 1
     assert max(r["attempts"] for r in results) > 1  # the kill hit rows in flight; they were retried
     assert sum(not r["failed"] for r in results) == len(rows) - 1
+
+
+@pytest.mark.vllm
+def test_vllm_judge_answers_concurrent_requests_as_the_hf_judge(judge, tiny_chat, tmp_path_factory):
+    pytest.importorskip("vllm")
+    cfg, hf_url = judge
+    # No @serve.batch on this path: every request goes straight into vLLM's async engine.
+    vllm_cfg = _judge_cfg(tmp_path_factory.mktemp("judge-vllm"), tiny_chat, "instruct", cfg.port,
+                          "judge.engine.backend=vllm", "judge.engine.max_lora_rank=0")
+    url = start_judge(vllm_cfg, app_name="judge-vllm", route_prefix="/judge-vllm", ready_timeout_s=120)
+    try:
+        rows = [{**ROWS[i % len(ROWS)], "id": f"v{i}"} for i in range(24)]
+        with ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(lambda row: _post(url, row), rows))
+            want = list(pool.map(lambda row: _post(hf_url, row), rows))
+        assert [status for status, _ in got] == [200] * len(rows)
+        # Greedy tokens are the same on both backends, so the verdicts are too, field for field.
+        assert [body for _, body in got] == [body for _, body in want]
+        assert _post(url, {**ROWS[0], "prompt": ""})[0] == 422
+        with urllib.request.urlopen(f"{url}/healthz", timeout=10) as health:
+            assert json.loads(health.read())["ok"] is True
+    finally:
+        stop_judge("judge-vllm")
