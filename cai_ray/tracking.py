@@ -21,13 +21,14 @@ import functools
 import json
 import os
 import socket
-import sys
 import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+
+from cai_ray import console
 
 # MLflow errors no retry can fix: the call is dropped at once (and counted).
 PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
@@ -299,7 +300,8 @@ class MlflowStore:
 
 
 def _warn(message: str) -> None:
-    print(f"cai-ray: warning: tracking: {message}", file=sys.stderr, flush=True)
+    # On the user's stderr even while the console sends library output to the log.
+    console.error(f"cai-ray: warning: tracking: {message}")
 
 
 def _mlflow_env() -> None:
