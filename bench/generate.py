@@ -50,7 +50,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cai_ray.runtime import BASE_ENV, LOOPBACK_ENV
+from cai_ray.runtime import BASE_ENV, LOOPBACK_ENV, OFFLINE_ENV
 
 # The issue's a/c target is the stage against the predecessors' way on the same two cores:
 # a2 against the faster of c2 and c1.  a1/c1 (one core each) is printed for the per-core gain.
@@ -474,7 +474,7 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=8, help="generate.batches_in_flight of (eN)")
     parser.add_argument("--workdir", default=None, help="outputs go here (default: a new temp folder)")
     args = parser.parse_args()
-    for key, value in {**BASE_ENV, **LOOPBACK_ENV, "VLLM_LOGGING_LEVEL": "WARNING"}.items():
+    for key, value in {**BASE_ENV, **LOOPBACK_ENV, **OFFLINE_ENV, "VLLM_LOGGING_LEVEL": "WARNING"}.items():
         os.environ.setdefault(key, value)
     from cai_ray.tiny import build_tiny
 
