@@ -276,7 +276,7 @@ def main() -> None:
         sys.exit(f"scale: --out {out} is not empty; give a new folder")
     t0 = time.time()
     counts = build_prompts(out / "hh-rlhf", args.prompts)
-    total, harm = sum(counts.values()), counts["harmless-base"]
+    total = sum(counts.values())
     base, chat = build_models(out / "models")
     built = time.time() - t0
     run_dir, k = out / "run", args.tokens

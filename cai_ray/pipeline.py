@@ -52,7 +52,7 @@ def stage_tags(cfg: Config, stage: str, **extra) -> dict:
 
 def _inputs(cfg: Config, stage: str) -> list[tuple[Path, str]]:
     """The files a training stage reads, to show as MLflow run inputs."""
-    from cai_ray.train.data import dpo_source, sft_sources
+    from cai_ray.train.sources import dpo_source, sft_sources
 
     if stage not in ("sft", "dpo"):
         return []
@@ -310,7 +310,7 @@ def sweep(cfg: Config, store: Store) -> dict:
     sft = _child(store, cfg, "sft", f"{cfg.name}-sft")
     if cfg.dpo.pairs != "revisions":
         _child(store, cfg, "label", f"{cfg.name}-label")
-    from cai_ray.train.data import dpo_source, fingerprint
+    from cai_ray.train.sources import dpo_source, fingerprint
 
     # The points' DPO reads the subsets; the full set is the one dpo.pairs names.
     pairs = Path(dpo_source(dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, data=None))))

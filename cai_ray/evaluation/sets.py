@@ -96,7 +96,7 @@ def load_eval_sets(cfg: Config) -> tuple[list[dict], dict]:
 def _training_prompts(cfg: Config) -> list[tuple[str, str]]:
     """Every prompt training saw: cfg.data (generation) plus every file SFT and DPO read when set
     (files from the generate stage hold only cfg.data's prompts)."""
-    from cai_ray.train.data import read_rows
+    from cai_ray.train.sources import read_rows
 
     # Ids name the row for the error message: the prompt id generate used, or the file row.
     rows = [(r["id"], r["prompt"]) for r in load_prompts(cfg.data)]

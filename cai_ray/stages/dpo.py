@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cai_ray.config import Config
 from cai_ray.tracking import Store
-from cai_ray.train.data import dpo_source, fingerprint, read_dpo
+from cai_ray.train.sources import dpo_source, fingerprint, read_dpo
 from cai_ray.train.driver import finished, output_dir, run_training, summary
 from cai_ray.train.lora import is_adapter, weights_sha256
 

@@ -27,7 +27,7 @@ from cai_ray.constitution.format import conversation_prompt
 from cai_ray.data.prompts import load_prompts, prompt_id
 from cai_ray.evaluation.sets import check_training_prompts
 from cai_ray.tracking import Store, stage_run, write_atomic
-from cai_ray.train.data import label_dir, read_rows
+from cai_ray.train.sources import label_dir, read_rows
 from cai_ray.train.driver import output_dir
 
 S, F = pa.string(), pa.float64()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from cai_ray.config import Config
 from cai_ray.tracking import Store
-from cai_ray.train.data import fingerprint, read_sft, sft_sources
+from cai_ray.train.sources import fingerprint, read_sft, sft_sources
 from cai_ray.train.driver import finished, output_dir, run_training, summary
 
 

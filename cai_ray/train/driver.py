@@ -24,7 +24,7 @@ from typing import Any, Optional
 from cai_ray import console
 from cai_ray.config import Config, stage_dir, stage_hash, to_yaml
 from cai_ray.tracking import Store, write_atomic
-from cai_ray.train.data import sft_reads_generate
+from cai_ray.train.sources import sft_reads_generate
 
 MANIFEST = "manifest.json"
 RUN_STATE = "ray_run.json"

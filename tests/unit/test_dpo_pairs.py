@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cai_ray.config import load_config, stage_dir
-from cai_ray.train.data import dpo_source, label_dir, read_dpo
+from cai_ray.train.sources import dpo_source, label_dir, read_dpo
 
 
 def _pairs(path, n, source, label):

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from cai_ray.config import load_config
-from cai_ray.train.data import (IGNORE_INDEX, Schedule, as_text, collate, fingerprint, mix_counts, read_dpo,
-                                read_rows, read_sft, sft_reads_generate, sft_sources, tokenize, total_steps)
+from cai_ray.train.data import IGNORE_INDEX, Schedule, as_text, collate, tokenize, total_steps
+from cai_ray.train.sources import (fingerprint, mix_counts, read_dpo, read_rows, read_sft, sft_reads_generate,
+                                   sft_sources)
 
 PROMPT = "\n\nHuman: how do I boil an egg?\n\nAssistant:"
 
