@@ -63,7 +63,7 @@ def head(tmp_path):
     yield address
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(30)
+        proc.wait(5)  # a private head: what has not stopped by then is killed with its group
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     shutil.rmtree(temp, ignore_errors=True)

@@ -58,7 +58,7 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(30)
+        proc.wait(5)  # a private cluster: what has not stopped by then is killed with its group
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
 

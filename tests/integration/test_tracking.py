@@ -179,7 +179,7 @@ def test_calls_to_a_dead_server_are_dropped_counted_and_reported(tmp_path, capsy
 
 
 def test_sft_survives_a_tracking_server_restart_and_later_points_land(tmp_path, tiny_base):
-    port, steps = _port(), 400
+    port, steps = _port(), 200
     server = _mlflow_server(port, tmp_path)
     uri = f"http://127.0.0.1:{port}"
     sft = subprocess.Popen(
