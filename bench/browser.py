@@ -43,12 +43,15 @@ def cai_ray(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 def sweep_overrides(out: Path) -> list[str]:
     models = out / "models"
-    for flavour in ("base", "chat"):
+    # terse: replies end at min_new_tokens, so every harm prompt gives a pair and both sizes train
+    # (the random base model's replies are cut at max_new_tokens, and cut replies give no pairs).
+    for flavour in ("terse", "chat"):
         if not (models / f"tiny-{flavour}" / "config.json").is_file():
             cai_ray("tiny-model", str(models / f"tiny-{flavour}"), "--flavour", flavour, check=True)
-    return [f"output_dir={out / 'run'}", f"model.path={models / 'tiny-base'}",
+    return [f"output_dir={out / 'run'}", f"model.path={models / 'tiny-terse'}",
             f"judge.model.path={models / 'tiny-chat'}", "sweep.sizes=[4,16]", "sweep.seeds=[0,1]",
-            "data.limit=24", "dpo.max_steps=2", "train.checkpoint_every=2"]
+            "generate.rounds=1", "generate.sampling.max_new_tokens=8", "generate.sampling.min_new_tokens=3",
+            "evaluate.sampling.min_new_tokens=4", "dpo.max_steps=2", "train.checkpoint_every=2"]
 
 
 def start_ui(overrides: list[str]) -> tuple[subprocess.Popen, list[str]]:

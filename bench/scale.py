@@ -5,9 +5,9 @@ What it builds, in code, under --out:
   hh-rlhf/   160,800 distinct prompts laid out like Anthropic/hh-rlhf's train split: harmless-base
              42,537 + helpful-base 43,835 + helpful-online 22,007 + helpful-rejection-sampled 52,421,
              each subset a train.jsonl.gz of chosen/rejected conversations (--prompts N scales them).
-  models/    `cai-ray tiny-model` base and chat.  The base model's EOS logit is then made to win at
-             every position (as tests/conftest.py's tiny_eos): with min_new_tokens=K every reply is
-             K tokens and ends with finish "stop", so every harm prompt yields a pair and the sweep
+  models/    `cai-ray tiny-model` terse (the base model whose EOS logit wins at every position)
+             and chat: with min_new_tokens=K every reply is K tokens and ends with finish "stop",
+             so every harm prompt yields a pair and the sweep
              reaches the 42,537 pairs purpose routing allows.  The plain random model ends almost
              no short reply on its own, and cut replies never become pairs (0 pairs in a trial).
 Then, on configs/quickstart.yaml with overrides (one round, K new tokens, 2 actors, tracking on):
@@ -86,19 +86,10 @@ def build_prompts(root: Path, total: int) -> dict[str, int]:
 
 
 def build_models(root: Path) -> tuple[Path, Path]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
     base, chat = root / "tiny-base", root / "tiny-chat"
-    for path, flavour in ((base, "base"), (chat, "chat")):
+    for path, flavour in ((base, "terse"), (chat, "chat")):
         subprocess.run([sys.executable, "-m", "cai_ray", "tiny-model", str(path), "--flavour", flavour],
                        cwd=ROOT, check=True, capture_output=True)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    with torch.no_grad():  # every embedding gets a large first coordinate; EOS's head row reads only it
-        model.model.embed_tokens.weight[:, 0] = 5.0
-        model.lm_head.weight[model.config.eos_token_id].zero_()
-        model.lm_head.weight[model.config.eos_token_id, 0] = 100.0
-    model.save_pretrained(base, safe_serialization=True)
     return base, chat
 
 

@@ -275,6 +275,9 @@ def log_sweep(store: Store, points: list[dict], baseline: dict, names=SWEEP_METR
             row[f"sft_{name}"] = _value(baseline, name)
         rows.append(row)
     store.log_table({k: [r[k] for r in rows] for k in rows[0]}, "sweep_summary.json")
+    # The same curve in MLflow's chart view, where the parent run is what shows: step = pairs.
+    for row in rows:
+        store.log_metrics({f"sweep/{name}": row[name] for name in names}, step=row["pairs"])
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
     for ax, name in zip(axes, names):
         shown = [r for r in rows if r[name] is not None]

@@ -5,9 +5,12 @@ real ``from_pretrained`` path, but nothing may be downloaded.  We train the
 tokenizer on a corpus generated here and initialise the model from a fixed
 seed, so two builds with the same arguments are byte-identical.
 
-Two flavours: ``base`` (no chat template, stands in for a base LM) and
-``chat`` (a chat template and role tokens, stands in for an instruct model such
-as a judge or a baseline).
+Three flavours: ``base`` (no chat template, stands in for a base LM), ``chat``
+(a chat template and role tokens, stands in for an instruct model such as a
+judge or a baseline) and ``terse``: the base model with an EOS logit that wins
+at every position, so every reply ends as soon as ``min_new_tokens`` lets it
+(finish ``stop``).  The random base model almost never ends a short reply, and
+cut replies never become training pairs; ``terse`` gives one pair per harm prompt.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-FLAVOURS = ("base", "chat")
+FLAVOURS = ("base", "chat", "terse")
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 CHAT_TOKENS = ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
@@ -80,7 +83,7 @@ def build_tiny(path: str | Path, flavour: str = "base", seed: int = 0) -> Path:
     if flavour not in FLAVOURS:
         raise ValueError(f"tiny-model flavour {flavour!r} is unknown; choose one of {FLAVOURS}")
     path = Path(path)
-    tokenizer = build_tokenizer(flavour, seed)
+    tokenizer = build_tokenizer("chat" if flavour == "chat" else "base", seed)
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=CONTEXT,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
@@ -89,6 +92,13 @@ def build_tiny(path: str | Path, flavour: str = "base", seed: int = 0) -> Path:
     model = LlamaForCausalLM(config).eval()
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
+    if flavour == "terse":
+        with torch.no_grad():
+            # Every token embedding gets a large first coordinate, which the small random layers
+            # barely move, and the EOS row of the head reads only that coordinate.
+            model.model.embed_tokens.weight[:, 0] = 5.0
+            model.lm_head.weight[config.eos_token_id].zero_()
+            model.lm_head.weight[config.eos_token_id, 0] = 100.0
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
@@ -96,14 +106,15 @@ def build_tiny(path: str | Path, flavour: str = "base", seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``cai-ray tiny-model DIR [--flavour base|chat] [--seed N]``."""
+    """``cai-ray tiny-model DIR [--flavour base|chat|terse] [--seed N]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="cai-ray tiny-model",
                                      description="Build the tiny offline Llama and tokenizer in DIR.")
     parser.add_argument("dir", help="output folder (Hugging Face layout)")
     parser.add_argument("--flavour", choices=FLAVOURS, default="base",
-                        help="base: no chat template; chat: stands in for an instruct model")
+                        help="base: no chat template; chat: stands in for an instruct model; "
+                             "terse: base whose replies end at min_new_tokens")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = build_tiny(args.dir, args.flavour, args.seed)

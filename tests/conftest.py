@@ -23,23 +23,11 @@ def tiny_base(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_eos(tmp_path_factory):
-    """The tiny base model with an EOS logit that wins at every position: every reply is empty,
-    unless ``min_new_tokens`` holds EOS back, and then it ends right there (finish ``stop``)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    """The ``terse`` tiny model: every reply is empty unless ``min_new_tokens`` holds EOS back,
+    and then it ends right there (finish ``stop``)."""
     from cai_ray.tiny import build_tiny
 
-    path = build_tiny(tmp_path_factory.mktemp("models") / "tiny-eos", "base")
-    model = AutoModelForCausalLM.from_pretrained(path)
-    with torch.no_grad():
-        # Every token embedding gets a large first coordinate, which the small random layers
-        # barely move, and the EOS row of the head reads only that coordinate.
-        model.model.embed_tokens.weight[:, 0] = 5.0
-        model.lm_head.weight[model.config.eos_token_id].zero_()
-        model.lm_head.weight[model.config.eos_token_id, 0] = 100.0
-    model.save_pretrained(path, safe_serialization=True)
-    return str(path)
+    return str(build_tiny(tmp_path_factory.mktemp("models") / "tiny-eos", "terse"))
 
 
 @pytest.fixture(scope="session")

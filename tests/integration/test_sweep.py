@@ -69,6 +69,8 @@ def test_sweep_nested_subsets_child_runs_and_summary(tmp_path, tiny_eos, tiny_ch
         assert "evaluate/responses.json" in {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert all(r.info.artifact_uri.startswith(f"file://{out}") or r.info.artifact_uri.startswith(str(out))
                for r in children + [parent])
+    # The parent run carries the curve for the chart view: the keyword ASR at each size (step = pairs).
+    assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "sweep/asr_keyword")) == [4, 8]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep_summary.json", "sweep.png"} <= artifacts
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep_summary.json")).read_text())
