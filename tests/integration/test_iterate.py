@@ -55,6 +55,9 @@ def test_two_iterations_then_an_early_stop_with_curves_in_mlflow(tmp_path, tiny_
     # The second DPO starts from the first DPO policy and keeps it as its frozen reference.
     manifests = [json.loads(p.read_text()) for p in (out / "dpo").glob("*/manifest.json")]
     assert len(manifests) == 2
+    # Each DPO trained (soft labels) on its iteration's feedback pairs.
+    assert all("/label/" in m["inputs"]["data"] and m["inputs"]["data"].endswith("pairs.parquet")
+               and m["steps"] == 2 and m["final_loss"] is not None for m in manifests)
     adapters = {m["paths"]["adapter"] for m in manifests}
     assert sum(m["reference"]["policy"] in adapters for m in manifests) == 1
     curve = client.get_metric_history(parent.info.run_id, "iteration/asr_keyword")

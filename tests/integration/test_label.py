@@ -103,17 +103,6 @@ def test_check_not_above_chance_says_so_in_summary_and_mlflow(labelled):
     assert run.data.metrics["check/above_chance"] == 0.0
 
 
-def test_dpo_trains_on_feedback_pairs_with_soft_labels(labelled):
-    done = cai("dpo", *labelled["args"], "dpo.pairs=feedback", "dpo.loss=soft")
-    assert done.returncode == 0, done.stderr[-3000:]
-    (out,) = (labelled["root"] / "out" / "dpo").iterdir()
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["inputs"]["data"] == str(labelled["out"] / "pairs.parquet")
-    assert manifest["steps"] == 2 and manifest["final_loss"] is not None
-    (run,) = _runs(labelled["client"], "tags.stage = 'dpo'")
-    assert run.info.status == "FINISHED"
-
-
 def test_rerun_resumes_from_the_parts_already_written(labelled):
     out = labelled["out"]
     before = pq.read_table(out / "pairs.parquet").to_pylist()

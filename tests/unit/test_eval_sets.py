@@ -99,6 +99,25 @@ def test_few_shot_evaluation_uses_only_benign_demos_for_every_arm():
     assert arm_format(cfg, ArmConfig(name="chat", role="instruct", format="chat")) == "chat"
 
 
+def test_sweep_subsets_are_nested_per_seed_and_differ_between_seeds(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cai_ray.pipeline import nested_subsets
+
+    pairs = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(40)], "chosen": ["c"] * 40}), pairs)
+    ids = {seed: [set(pq.read_table(f).column("id").to_pylist())
+                  for f in nested_subsets(pairs, [4, 8, 40], seed, tmp_path / "out").values()]
+           for seed in (0, 1)}
+    for subsets in ids.values():
+        assert [len(s) for s in subsets] == [4, 8, 40] and subsets[0] < subsets[1] < subsets[2]
+    assert ids[0][1] != ids[1][1]
+    # Files already written are reused as they are (a resumed sweep trains on the same pairs).
+    again = nested_subsets(pairs, [8], 0, tmp_path / "out")
+    assert set(pq.read_table(again[8]).column("id").to_pylist()) == ids[0][1]
+
+
 def test_sweep_sizes_past_the_pairs_available_are_clipped_once_and_reported():
     from cai_ray.pipeline import sweep_sizes
 
