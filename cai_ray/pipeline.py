@@ -278,9 +278,17 @@ def log_sweep(store: Store, points: list[dict], baseline: dict, names=SWEEP_METR
     # The same curve in MLflow's chart view, where the parent run is what shows: step = pairs.
     for row in rows:
         store.log_metrics({f"sweep/{name}": row[name] for name in names}, step=row["pairs"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
-    for ax, name in zip(axes, names):
+    # Two columns: MLflow's artifact view shrinks a wide figure to fit its pane.
+    cols = min(2, len(names))
+    fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(6 * cols, 4 * -(-len(names) // cols)),
+                             squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
         shown = [r for r in rows if r[name] is not None]
+        if not shown:  # said on the plot, not left as empty axes
+            ax.text(0.5, 0.5, "no rated responses\n(the evaluate runs' failure tables say why)",
+                    ha="center", va="center", transform=ax.transAxes)
         ys = [r[name] for r in shown]
         below = [r[name] - (r[f"{name}_lo"] if r[f"{name}_lo"] is not None else r[name]) for r in shown]
         above = [(r[f"{name}_hi"] if r[f"{name}_hi"] is not None else r[name]) - r[name] for r in shown]
