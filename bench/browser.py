@@ -58,7 +58,7 @@ def start_ui(overrides: list[str]) -> tuple[subprocess.Popen, list[str]]:
     """`cai-ray ui` in the background; returns it and the URLs it printed."""
     proc = subprocess.Popen([sys.executable, "-m", "cai_ray", "ui", "configs/quickstart.yaml", *overrides,
                              "--port", str(free_port())], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    lines = [proc.stdout.readline(), proc.stdout.readline()]  # the experiment, its evaluate runs side by side
+    lines = [proc.stdout.readline(), proc.stdout.readline()]  # the experiment, its evaluate runs only
     if not all("http://" in line for line in lines):
         proc.terminate()
         raise SystemExit(f"cai-ray ui did not start: {lines!r}")

@@ -203,6 +203,24 @@ def _experiment_page(cfg, url: str) -> str:
     return f"{url}/#/{page}?workflowType=machine_learning"
 
 
+def _wait_for_ui(proc, url: str, log) -> None:
+    """Until the server answers its health check; a server that exits or stays silent is an error."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the MLflow UI stopped at start (exit {proc.returncode}); see {log}")
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the MLflow UI did not answer on {url} within 120 s; see {log}")
+            time.sleep(0.5)
+
+
 def ui(cfg, port: int | None) -> int:
     """The MLflow UI for this config's runs: a tracking server's URL, or a local UI until Ctrl-C."""
     import signal
@@ -210,7 +228,6 @@ def ui(cfg, port: int | None) -> int:
     import subprocess
     import time
     import urllib.parse
-    import urllib.request
 
     if cfg.tracking.uri and cfg.tracking.uri.startswith(("http://", "https://")):
         # Not asked for the experiment id: a server that is down would keep MLflow's client retrying.
@@ -244,23 +261,14 @@ def ui(cfg, port: int | None) -> int:
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, signal.default_int_handler)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the MLflow UI stopped at start (exit {proc.returncode}); see {log}")
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the MLflow UI did not answer on {url} within 120 s; see {log}")
-                time.sleep(0.5)
+        _wait_for_ui(proc, url, log)
         page = _experiment_page(cfg, url)
         print(f"MLflow UI: {page}  (Ctrl-C stops it; log: {_shown(log)})", flush=True)
         if "/runs?" in page:
-            # Stage runs nest under their command's run; a filter lists them flat, e.g. a sweep's points.
-            flat = urllib.parse.quote("tags.stage = 'evaluate'")
-            print(f"evaluate runs side by side: {page}&searchFilter={flat}", flush=True)
+            # MLflow 3.17 still nests the filtered runs under their command's run (one collapsed row),
+            # but once expanded only the evaluate runs show, e.g. a sweep's points side by side.
+            only = urllib.parse.quote("tags.stage = 'evaluate'")
+            print(f"evaluate runs only (expand the parent row): {page}&searchFilter={only}", flush=True)
         proc.wait()
         raise RuntimeError(f"the MLflow UI stopped (exit {proc.returncode}); see {log}")
     except KeyboardInterrupt:
