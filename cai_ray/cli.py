@@ -57,6 +57,7 @@ TOOLS: dict[str, tuple[str, str]] = {
 }
 UI_HELP = "browse this config's MLflow runs: starts the MLflow UI on 127.0.0.1 and prints its URL"
 UI_PORT = 5000
+JUDGE_HELP = "check the judge: agreement with people's feedback in MLflow (--agreement)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["label"].add_argument(
         "--check", action="store_true",
         help="score the shipped check pairs (and label.check_data): feedback-model accuracy and calibration")
+    judge = sub.add_parser("judge", help=JUDGE_HELP, description=JUDGE_HELP)
+    _config_args(judge)
+    judge.add_argument("--agreement", action="store_true", required=True,
+                       help="the judge against people's feedback on the newest evaluate run's traces")
+    judge.add_argument("--run", default=None, metavar="RUN_ID", help="that evaluate run instead of the newest")
     ui = sub.add_parser("ui", help=UI_HELP, description=UI_HELP)
     _config_args(ui)
     ui.add_argument("--port", type=int, default=None,
@@ -145,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "ui":
             return ui(cfg, args.port)
+        if args.command == "judge":  # reads and annotates an evaluate run; opens no run of its own
+            _call("cai_ray.stages.judge_agreement:run", cfg, args.run)
+            return 0
         cfg.require(args.command)
         return _run_captured(args, cfg)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:

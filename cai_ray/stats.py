@@ -147,21 +147,20 @@ def paired_units(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, see
     return Paired(float(diff.mean()), lo, hi, int(x.size), b_better, a_better, min(1.0, p))
 
 
-def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> Kappa:
-    """Cohen's kappa of two raters' yes/no labels on the same items.
+def cohen_kappa(a: Sequence, b: Sequence) -> Kappa:
+    """Cohen's kappa of two raters' labels on the same items (yes/no, or any categories).
 
     kappa = (p_o - p_e) / (1 - p_e), with p_o the observed agreement and p_e the agreement
-    expected from each rater's own yes-rate.  Undefined (None) when p_e = 1: both raters gave
+    expected from each rater's own label shares.  Undefined (None) when p_e = 1: both raters gave
     one and the same label to every item, so there is no chance level to beat.
     """
-    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    x, y = np.asarray(a), np.asarray(b)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"a and b must be paired 1-D sequences, got shapes {x.shape} and {y.shape}")
     if x.size == 0:
         return Kappa(None, None, 0)
     observed = float((x == y).mean())
-    pa, pb = float(x.mean()), float(y.mean())
-    expected = pa * pb + (1 - pa) * (1 - pb)
+    expected = float(sum((x == label).mean() * (y == label).mean() for label in np.union1d(x, y)))
     if expected >= 1.0:
         return Kappa(None, observed, int(x.size))
     return Kappa((observed - expected) / (1 - expected), observed, int(x.size))

@@ -56,6 +56,7 @@ class Store(Protocol):
     def log_figure(self, figure: Any, name: str) -> None: ...
     def log_config(self, cfg: Any) -> None: ...
     def log_dataset(self, path: str | Path, name: str, context: str) -> None: ...
+    def log_traces(self, records: list[dict]) -> int: ...
     def child(self, name: str, tags: dict[str, Any] | None = None) -> "Store": ...
     def end(self, status: str = "FINISHED") -> None: ...
 
@@ -74,6 +75,7 @@ class NullStore:
     def log_figure(self, figure, name): pass
     def log_config(self, cfg): pass
     def log_dataset(self, path, name, context): pass
+    def log_traces(self, records): return 0
     def child(self, name, tags=None): return NullStore()
     def end(self, status="FINISHED"): pass
 
@@ -275,6 +277,28 @@ class MlflowStore:
         tag = InputTag(key="mlflow.data.context", value=context)
         self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
 
+    @_guarded("traces", lambda records: len(records))
+    def log_traces(self, records: list[dict]) -> int:
+        """One trace per record (name, inputs, outputs, tags) on this run; returns how many.
+
+        MLflow's trace exporter writes to the process-wide tracking URI, not to the client's,
+        so the URI is set for the duration and the async queue flushed before it is restored.
+        """
+        import mlflow
+
+        exp_id = self.client.get_run(self.run_id).info.experiment_id
+        before = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            for record in records:
+                span = self.client.start_trace(name=record["name"], inputs=record["inputs"], tags=record["tags"],
+                                               experiment_id=exp_id, run_id=self.run_id)
+                self.client.end_trace(span.trace_id, outputs=record["outputs"])
+            mlflow.flush_trace_async_logging()
+        finally:
+            mlflow.set_tracking_uri(before)
+        return len(records)
+
     def child(self, name: str, tags: dict[str, Any] | None = None) -> "MlflowStore":
         """A nested run; if it cannot be created, a store whose calls are counted as lost."""
         made = self._guard("runs", 1, MlflowStore._start_child, name, tags)
@@ -366,6 +390,54 @@ def open_store(cfg: Any, name: str, tags: dict[str, Any] | None = None) -> Store
     store.ledger = str(cfg.output_root / ".tracking_lost" / store.run_id)
     store.retry, store.reports_losses = (t.retries, t.pause_s), True
     return store
+
+
+def run_traces(uri: str, run_id: str | None, experiment: str) -> tuple[str, list]:
+    """(run id, its traces with their assessments): ``run_id``, or the newest evaluate run of the
+    experiment.  A server that does not answer is one line (RuntimeError)."""
+    from mlflow.tracking import MlflowClient
+
+    _mlflow_env()
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri, attempts=1)
+    client = MlflowClient(tracking_uri=uri)
+    if run_id is None:
+        exp = client.get_experiment_by_name(experiment)
+        runs = [] if exp is None else client.search_runs([exp.experiment_id], "tags.stage = 'evaluate'",
+                                                         order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            raise ValueError(f"tracking.experiment={experiment}: no evaluate run in {uri}; run `cai-ray evaluate` first")
+        run = runs[0]
+    else:
+        try:
+            run = client.get_run(run_id)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception for an unknown id
+            raise ValueError(f"--run {run_id}: no such run in {uri} ({type(exc).__name__})") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise ValueError(f"--run {run.info.run_id}: the run is deleted")
+    traces, token = [], None
+    while True:  # tags carry what agreement needs: no spans
+        page = client.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id,
+                                    max_results=500, page_token=token, include_spans=False)
+        traces.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            break
+    return run.info.run_id, traces
+
+
+def deleted_runs(uri: str, run_ids: set[str]) -> set[str]:
+    """The ids among ``run_ids`` whose run is deleted or gone."""
+    from mlflow.tracking import MlflowClient
+
+    client, gone = MlflowClient(tracking_uri=uri), set()
+    for run_id in run_ids:
+        try:
+            if client.get_run(run_id).info.lifecycle_stage == "deleted":
+                gone.add(run_id)
+        except Exception:  # noqa: BLE001 - an unknown id is a run that no longer exists
+            gone.add(run_id)
+    return gone
 
 
 @contextmanager

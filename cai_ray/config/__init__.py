@@ -212,6 +212,8 @@ RESOURCE_KEYS = {
               "resources", "labels"),
     "judge": ("replicas", "num_cpus", "num_gpus", "host", "port", "max_ongoing_requests",
               "max_queued_requests", "resources", "labels"),
+    # Traces record the verdicts for people to review; they never change them.
+    "evaluate": ("trace", "review_sample"),
     # The check measures the feedback model; it never changes the labels.
     "label": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size", "check", "check_data",
               "resources", "labels"),

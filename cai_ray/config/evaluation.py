@@ -132,6 +132,13 @@ class EvaluateConfig:
     # Below this Cohen's kappa between the judge and the refusal-phrase rater, the judge is SUSPECT.
     min_rater_kappa: float = 0.4
     bootstrap: int = 2000
+    # Judge verdicts as MLflow traces on the evaluate run, for people to open and mark in the UI:
+    # none, sample (only the review sample) or all (every judge call; costs store time and space,
+    # about 0.1 s and 10 kB per trace on sqlite).
+    trace: str = "sample"
+    # Judge calls tagged review=yes: a sample stratified by arm x metric x judge verdict x whether the
+    # keyword rater disagrees, so rare verdicts and disagreements are reviewed too.
+    review_sample: int = 300
 
     def validate(self, key: str = "evaluate") -> None:
         from cai_ray.constitution.fewshot import HELPFUL_EXAMPLES
@@ -158,6 +165,8 @@ class EvaluateConfig:
         if not -1.0 <= self.min_rater_kappa <= 1.0:
             raise ConfigError(f"{key}.min_rater_kappa={self.min_rater_kappa} must lie in [-1, 1]")
         _positive(f"{key}.bootstrap", self.bootstrap)
+        _choice(f"{key}.trace", self.trace, ("none", "sample", "all"))
+        _positive(f"{key}.review_sample", self.review_sample)
 
 
 @dataclass

@@ -14,19 +14,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cai_ray import console
 from cai_ray.config import Config, stage_dir, stage_hash, to_yaml
 from cai_ray.constitution.chain import row_seed
 from cai_ray.evaluation import render
+from cai_ray.evaluation.agreement import text as agreement_text
 from cai_ray.evaluation.arms import generate_arm, resolve_arms
 from cai_ray.evaluation.rating import rate
 from cai_ray.evaluation.report import build_report
 from cai_ray.evaluation.sets import check_heldout, load_eval_sets
+from cai_ray.evaluation.traces import trace_records
 from cai_ray.tracking import Store, write_atomic
 
 RATING_COLUMNS = [
@@ -53,13 +57,31 @@ def _write_outputs(out: Path, rows: list[dict], report: dict):
 
 
 def _log(store: Store, out: Path, rows: list[dict], report: dict, fig) -> None:
-    store.set_tags({"stage": "evaluate", "config_hash": out.name})
+    store.set_tags({"stage": "evaluate", "config_hash": out.name, "output": str(out)})
     store.log_metrics(render.flat_metrics(report))
     # One row per response with each rater's verdict and the judge's raw text: MLflow's table view.
     store.log_table(render.response_table(rows), "evaluate/responses.json")
     store.log_figure(fig, "evaluate/chart.png")
     for name in ("report.json", "config.yaml"):
         store.log_artifact(out / name, "evaluate")
+
+
+def _trace(cfg: Config, store: Store, rows: list[dict]) -> dict:
+    """Judge calls as MLflow traces for people to review (evaluate.trace); what it cost."""
+    started = time.monotonic()
+    records = trace_records(rows, cfg.evaluate.trace, cfg.evaluate.review_sample, cfg.seed)
+    if records:
+        console.say(f"evaluate: logging {len(records)} judge calls as MLflow traces (evaluate.trace={cfg.evaluate.trace})")
+    logged = store.log_traces(records) if records else 0
+    return {"mode": cfg.evaluate.trace, "logged": logged or 0,
+            "review": sum(r["tags"]["review"] == "yes" for r in records),
+            "seconds": round(time.monotonic() - started, 2)}
+
+
+def _with_agreement(out: Path, text: str) -> str:
+    """The report text, and people's agreement with the judge once `judge --agreement` wrote it."""
+    path = out / "agreement.json"
+    return f"{text}\n{agreement_text(json.loads(path.read_text()))}" if path.is_file() else text
 
 
 def _summary(report: dict) -> dict:
@@ -119,7 +141,7 @@ def run(cfg: Config, store: Store, loaded: tuple | None = None) -> dict:
     out = stage_dir(cfg, "evaluate", upstream)
     if (out / "manifest.json").is_file():
         report = json.loads((out / "report.json").read_text())
-        print(render.summary_text(report, _header(cfg, report) + f" (finished earlier: {out})"))
+        print(_with_agreement(out, render.summary_text(report, _header(cfg, report) + f" (finished earlier: {out})")))
         return _summary(report)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", to_yaml(cfg))
@@ -136,7 +158,9 @@ def run(cfg: Config, store: Store, loaded: tuple | None = None) -> dict:
                          "harm_rubric": cfg.judge.harm_rubric},
                   limits={"max_share": asdict(e.max_share), "min_rater_kappa": e.min_rater_kappa})
     _log(store, out, rows, report, _write_outputs(out, rows, report))
-    summary = _summary(report)
-    write_atomic(out / "manifest.json", json.dumps({**summary, "rows": len(rows)}, indent=2) + "\n")
+    traces = _trace(cfg, store, rows)
+    summary = {**_summary(report), "traces": f"{traces['logged']} judge calls ({traces['review']} for review)"}
+    write_atomic(out / "manifest.json", json.dumps({**summary, "rows": len(rows), "traces": traces},
+                                                   indent=2) + "\n")
     print(render.summary_text(report, _header(cfg, report)), flush=True)
     return summary
