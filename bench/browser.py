@@ -2,8 +2,10 @@
 
 Runs the quickstart's sweep on a tiny size list (tiny models built in code), starts
 ``cai-ray ui`` on a free port, and takes headless-Chromium screenshots of: the experiment as
-it opens, the runs table, the chart view, one evaluate run (overview and artifacts) and the
-sweep parent's plot.  Look at the PNGs it lists.  Needs Debian's ``chromium``
+it opens, the runs table, the chart view, one evaluate run (overview and artifacts), the
+sweep parent's plot, and the judge traces people review: the evaluate run's review list and one
+trace with a person's feedback on it (logged here through MLflow's assessments API, as the UI's
+feedback control would).  Look at the PNGs it lists.  Needs Debian's ``chromium``
 (``apt-get install chromium``).
 
     python bench/browser.py [--out /tmp/cai-ray-browser]
@@ -79,6 +81,7 @@ def pages(out: Path, printed: list[str]) -> dict[str, str]:
     evaluate = next(r for r in runs if r.data.tags.get("stage") == "evaluate" and r.data.tags.get("size") not in
                     (None, "0") and r.data.metrics)
     e, p, v = exp.experiment_id, parent.info.run_id, evaluate.info.run_id
+    trace = reviewed_trace(client, e, v)
     return {"1-as-printed-by-cai-ray-ui": printed[0],
             "2-experiment-without-mode": f"{base}/#/experiments/{e}",
             "2b-evaluate-runs-side-by-side": printed[1],
@@ -86,7 +89,26 @@ def pages(out: Path, printed: list[str]) -> dict[str, str]:
             "4-evaluate-run": f"{base}/#/experiments/{e}/runs/{v}{mode}",
             "5-evaluate-artifacts": f"{base}/#/experiments/{e}/runs/{v}/artifacts{mode}",
             "6-sweep-plot": f"{base}/#/experiments/{e}/runs/{p}/artifacts/sweep.png{mode}",
-            "7-sweep-table": f"{base}/#/experiments/{e}/runs/{p}/artifacts/sweep_summary.json{mode}"}
+            "7-sweep-table": f"{base}/#/experiments/{e}/runs/{p}/artifacts/sweep_summary.json{mode}",
+            "8-traces-for-review": f"{base}/#/experiments/{e}/traces?compareRunsMode=TRACES",
+            "9-trace-with-feedback": f"{base}/#/experiments/{e}/traces?selectedEvaluationId={trace}&traceId={trace}"
+                                     f"&compareRunsMode=TRACES",
+            "9b-trace-detail": f"{base}/#/experiments/{e}/traces/{trace}"}
+
+
+def reviewed_trace(client, experiment: str, run_id: str) -> str:
+    """A review trace of the run, with one HUMAN feedback on it (added once) so the shot shows both."""
+    import mlflow
+    from mlflow.entities import AssessmentSource
+
+    traces = client.search_traces(locations=[experiment], run_id=run_id, max_results=50)
+    trace = next(t for t in traces if t.info.tags.get("review") == "yes")
+    if not any(a.source.source_type == "HUMAN" for a in trace.info.assessments or []):
+        mlflow.set_tracking_uri(client.tracking_uri)
+        value = "no" if trace.info.tags["metric"] in ("asr", "over_refusal") else 3
+        mlflow.log_feedback(trace_id=trace.info.trace_id, name=trace.info.tags["metric"], value=value,
+                            source=AssessmentSource(source_type="HUMAN", source_id="bench-reviewer"))
+    return trace.info.trace_id
 
 
 def shoot(chromium: str, url: str, png: Path) -> None:
