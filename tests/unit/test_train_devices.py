@@ -76,7 +76,9 @@ def lazy_group(tmp_path, lazy_backend):
 
 
 @pytest.fixture
-def gloo_group(tmp_path):
+def gloo_group(tmp_path, monkeypatch):
+    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)  # what torchrun (or Ray Train) sets, and DeepSpeed reads
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield torch.device("cpu")
     dist.destroy_process_group()
@@ -120,24 +122,24 @@ def test_sft_and_dpo_steps_run_on_a_non_cpu_device(tmp_path, tiny_base, lazy_gro
         assert final["loss"] > 0 and "rewards/accuracy" in final or any("/" in k for k in final)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_sft_and_dpo_train_in_train_mode_and_checkpointing_recomputes_each_layer(
-        tmp_path, tiny_base, gloo_group, checkpointing):
+def test_sft_and_dpo_train_in_train_mode_and_checkpointing_recomputes_each_layer(tmp_path, tiny_base, gloo_group):
     """Layer 0's forward calls in training mode per step under DeepSpeed: 1, or 2 when checkpointing
-    recomputes it in backward (DPO's reference pass runs in eval mode and is not counted)."""
+    recomputes it in backward (DPO's reference pass runs in eval mode and is not counted).
+    One test: DeepSpeed keeps the first process group it joins for the whole process."""
     from cai_ray.train.deepspeed import start_engine
 
-    for kind in ("sft", "dpo"):
-        calls = []
+    for checkpointing in (False, True):
+        for kind in ("sft", "dpo"):
+            calls = []
 
-        def make_engine(model, *args):
-            layer = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
-            # A pre-hook: the recomputation stops once it has what backward needs, before post-hooks.
-            layer.register_forward_pre_hook(lambda module, _: calls.append(module.training))
-            return start_engine(model, *args)
+            def make_engine(model, *args):
+                layer = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
+                # A pre-hook: the recomputation stops once it has what backward needs, before post-hooks.
+                layer.register_forward_pre_hook(lambda module, _: calls.append(module.training))
+                return start_engine(model, *args)
 
-        job, data = _job(tmp_path / kind, tiny_base, kind, f"train.gradient_checkpointing={checkpointing}")
-        launcher = LocalContext(tmp_path / kind / "ckpt", gloo_group)
-        run_worker(launcher.as_worker(), job, data, make_engine=make_engine)
-        assert sum(calls) == job.total_steps * (2 if checkpointing else 1), (kind, calls)
-        assert calls.count(False) == (job.total_steps if kind == "dpo" else 0)
+            where = tmp_path / f"{kind}-{checkpointing}"
+            job, data = _job(where, tiny_base, kind, f"train.gradient_checkpointing={checkpointing}")
+            run_worker(LocalContext(where / "ckpt", gloo_group).as_worker(), job, data, make_engine=make_engine)
+            assert sum(calls) == job.total_steps * (2 if checkpointing else 1), (kind, checkpointing, calls)
+            assert calls.count(False) == (job.total_steps if kind == "dpo" else 0), (kind, checkpointing, calls)
