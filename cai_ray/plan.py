@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-UNITS = {"generate": "actor", "label": "actor", "train": "worker", "judge": "replica"}
+UNITS = {"generate": "actor", "label": "actor", "train": "worker", "judge": "replica", "merge": "task"}
 # The config keys behind a unit's CPUs and GPUs, for error messages.
 CPU_GPU_KEYS = {"generate": ("generate.num_cpus_per_actor", "generate.num_gpus_per_actor"),
                 "label": ("label.num_cpus_per_actor", "label.num_gpus_per_actor"),
-                "train": ("train.cpus_per_worker", "train.use_gpu"), "judge": ("judge.num_cpus", "judge.num_gpus")}
+                "train": ("train.cpus_per_worker", "train.use_gpu"), "judge": ("judge.num_cpus", "judge.num_gpus"),
+                "merge": ("sft.merge", "dpo.merge")}
 USED_BY = {"generate": "generate, evaluate arms", "label": "label", "train": "sft, dpo",
-           "judge": "evaluate, serve-judge"}
+           "judge": "evaluate, serve-judge", "merge": "sft/dpo .merge=true"}
 GIB = 1024 ** 3
 
 
@@ -83,9 +84,22 @@ def requests(cfg: Any) -> list[Request]:
     if cfg.dpo.pairs != "revisions":  # the label stage runs only for AI-feedback pairs
         out.append(request("label", cfg.label))
     out.append(request("train", cfg.train))
+    merge = merge_request(cfg)
+    if merge:
+        out.append(merge)
     if cfg.judge.model.path:
         out.append(request("judge", cfg.judge))
     return out
+
+
+def merge_request(cfg: Any) -> Optional[Request]:
+    """The Ray task that merges a LoRA adapter into the base (``sft.merge``/``dpo.merge``): one CPU
+    and the memory of the base's weights in ``model.dtype`` (read from its config: no weights load)."""
+    if not cfg.train.lora.enabled or not (cfg.sft.merge or cfg.dpo.merge):
+        return None
+    from cai_ray.train.lora import merge_memory
+
+    return Request("merge", 1, 1.0, 0.0, float(merge_memory(cfg.model)), {}, {})
 
 
 @dataclass

@@ -114,6 +114,19 @@ def fit(cfg: Config, job: Any, out: Path):
     return result, name, startup
 
 
+def _check_merge_room(cfg: Config) -> None:
+    """On the private local Ray, fail before training when no node can hold the merge task
+    (``plan.merge_request``); an attached cluster may still add such a node, so there the task waits."""
+    from cai_ray.plan import check, merge_request
+    from cai_ray.runtime import live_nodes
+
+    if cfg.runtime.address or os.environ.get("RAY_ADDRESS"):
+        return
+    problem = check(merge_request(cfg), live_nodes())
+    if problem:
+        raise RuntimeError(problem)
+
+
 def _failure_line(exc: BaseException) -> str:
     """Each failing rank's last error line (the exception itself, not Ray's preamble); a rank that
     died shows up next to the ranks whose collectives then broke."""
@@ -140,7 +153,7 @@ def _install(src: Path, dest: Path) -> None:
 def publish(cfg: Config, kind: str, out: Path, checkpoint: Path, tokenizer, model_path: str,
             start: Optional[str]) -> dict[str, Optional[str]]:
     """Adapter (and merged model on request) from the final checkpoint into the stage folder."""
-    from cai_ray.train.lora import combine_adapters, is_adapter, merge_into_base
+    from cai_ray.train.lora import combine_adapters, is_adapter, merge_task, train_dtype
 
     merge = cfg.sft.merge if kind == "sft" else cfg.dpo.merge
     paths: dict[str, Optional[str]] = {"stage_dir": str(out), "adapter": None, "merged": None}
@@ -154,12 +167,13 @@ def publish(cfg: Config, kind: str, out: Path, checkpoint: Path, tokenizer, mode
             adapter = checkpoint / "adapter"
             if start and is_adapter(start):
                 # DPO trained on base + SFT adapter: export both as one adapter on the base.
-                combine_adapters(model_path, start, str(adapter), staging / "adapter")
+                combine_adapters(cfg.model, model_path, start, str(adapter), staging / "adapter",
+                                 dtype=train_dtype(cfg.train))
             else:
                 shutil.copytree(adapter, staging / "adapter")
             if merge:
                 base = start if start and not is_adapter(start) else model_path
-                merge_into_base(base, str(staging / "adapter"), staging / "merged", tokenizer)
+                merge_task(cfg.model, base, str(staging / "adapter"), staging / "merged", tokenizer)
         for name in ("adapter", "merged"):
             if (staging / name).exists():
                 _install(staging / name, out / name)
@@ -191,7 +205,7 @@ def run_training(cfg: Config, store: Store, kind: str, rows: list[dict], out: Pa
     from cai_ray.engines.base import resolve_model_path
     from cai_ray.runtime import init_ray
     from cai_ray.train.data import tokenize, total_steps
-    from cai_ray.train.lora import check_targets, is_adapter, load_tokenizer
+    from cai_ray.train.lora import check_targets, is_adapter, load_tokenizer, read_adapter
     from cai_ray.train.loops import Job
 
     model_path = resolve_model_path(cfg.model)
@@ -199,10 +213,14 @@ def run_training(cfg: Config, store: Store, kind: str, rows: list[dict], out: Pa
     base = start if start and not is_adapter(start) else model_path
     if cfg.train.lora.enabled:
         check_targets(cfg.model, base, cfg.train.lora.target_modules)
+    if start and is_adapter(start):
+        read_adapter(start)  # the export combines it with the trained adapter: fail now, not after training
     data = tokenize(tokenizer, rows, kind, cfg.train.max_length)
     (out / MANIFEST).unlink(missing_ok=True)
     init_ray(cfg)
     section = cfg.sft if kind == "sft" else cfg.dpo
+    if cfg.train.lora.enabled and section.merge:
+        _check_merge_room(cfg)
     steps = total_steps(len(data), cfg.train, cfg.train.workers, section.epochs, section.max_steps)
     counter = console.remote_counter()
     job = Job(kind=kind, cfg=cfg, model_path=model_path, data=ray.put(data), total_steps=steps,
