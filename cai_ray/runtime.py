@@ -184,6 +184,8 @@ def init_ray(cfg: Any, **overrides: Any) -> dict[str, str]:
         # node binds every interface.
         ray_constants.ENABLE_RAY_CLUSTER = False
     if ray.is_initialized():
+        if address is None:
+            check_local_gpus(cfg)
         return env
     runtime_env = {"env_vars": env}
     if address is not None:
@@ -200,9 +202,25 @@ def init_ray(cfg: Any, **overrides: Any) -> dict[str, str]:
         kwargs["_node_ip_address"] = "127.0.0.1"
     kwargs.update(overrides)
     ray.init(**kwargs)
+    check_local_gpus(cfg)
     # Worker output still reaches this process (log_to_driver), but into the command's log file.
     console.route_worker_output()
     return env
+
+
+def check_local_gpus(cfg: Any) -> None:
+    """On the private local Ray, before any actor starts: a GPU-only setting on a machine whose
+    Ray has no GPU is one line naming the key (on a cluster, GPU nodes may still be added)."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return
+    keys = [("train.use_gpu=true", cfg.train.use_gpu), ("engine.device=cuda", cfg.engine.device == "cuda"),
+            ("judge.engine.device=cuda", bool(cfg.judge.model.path) and cfg.judge.engine.device == "cuda")]
+    bad = [key for key, on in keys if on]
+    if bad:
+        raise ValueError(f"{bad[0]}: the local Ray has no GPU (runtime.num_gpus={cfg.runtime.num_gpus}); "
+                         f"run on a GPU machine or cluster (runtime.address) or turn the setting off")
 
 
 def live_nodes() -> list[NodeType]:
