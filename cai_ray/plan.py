@@ -329,11 +329,12 @@ def plan_main(argv: list[str]) -> int:
     print("\n".join(_node_line(n) for n in nodes))
     print(f"config: {args.config}\n  {'stage':<9} {'used by':<23} {'units':<13} {'per unit':<34} "
           f"{'fits on':<28} {'max':>5}")
-    problems = [p for p in [eval_set_problem(cfg, args.cluster)] if p]
+    problems = []
     for req in requests(cfg):
         problem = check(req, nodes)
         print(render(req, nodes, problem))
         problems += [problem] if problem else []
+    problems += [p for p in [eval_set_problem(cfg, args.cluster)] if p]
     if problems:
         raise ValueError(problems[0])
     return 0
@@ -363,7 +364,8 @@ def eval_set_problem(cfg: Any, cluster: Optional[str]) -> Optional[str]:
                      for c in doc.get(key) or []]
             where = "its setup_commands"
         elif doc.get("kind") == "RayJob":
-            steps, where = [str((doc.get("spec") or {}).get("runtimeEnvYAML", ""))], "spec.runtimeEnvYAML pip"
+            env = yaml.safe_load(str((doc.get("spec") or {}).get("runtimeEnvYAML") or "")) or {}
+            steps, where = [json.dumps(env.get("pip") if isinstance(env, dict) else None)], "spec.runtimeEnvYAML pip"
         else:
             continue  # a RayCluster/RayService: jobs bring their own runtime_env
         if not any("garak" in step for step in steps):
