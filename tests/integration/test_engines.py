@@ -199,6 +199,17 @@ def test_lora_adapter_switches_on_and_off(tiny, hf):
         hf.generate(PROMPTS, GREEDY, adapter=tiny.base)
 
 
+def test_engines_are_sized_for_the_unit_holding_them(tiny):
+    # Two engines in an actor holding half a GPU: a quarter of gpu_memory_utilization each; no
+    # adapter served: LoRA off (vLLM then starts without it).
+    engine = make_engine(ModelConfig(path=tiny.base), EngineConfig(gpu_memory_utilization=0.8),
+                         lora=False, share=0.5, engines=2)
+    assert engine.engine_cfg.max_lora_rank == 0
+    assert engine.engine_cfg.gpu_memory_utilization == pytest.approx(0.2)
+    engine.close()
+    assert engine.model is None
+
+
 def test_hf_backend_never_imports_vllm(tiny):
     code = ("import sys; from cai_ray.config import *; from cai_ray.engines import make_engine; "
             f"make_engine(ModelConfig(path={tiny.base!r}), EngineConfig()); "

@@ -58,7 +58,7 @@ def test_evaluate_reports_per_set_over_requests_with_both_raters(tmp_path, tiny_
                  # The tiny models' sampled text is byte soup; a run of two symbols is flagged, so part
                  # of it counts as garbage, as a collapsed real model's would.
                  "generate.quality.max_symbol_run=1")
-    done = cai("evaluate", "configs/quickstart.yaml", *args)
+    done = cai("evaluate", "configs/quickstart.yaml", *args, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out_text = done.stdout
     assert "prompt formats: base=zero_shot, chat=chat" in out_text
