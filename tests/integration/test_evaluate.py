@@ -61,7 +61,7 @@ def test_evaluate_reports_per_set_over_requests_with_both_raters(tmp_path, tiny_
     done = cai("evaluate", "configs/quickstart.yaml", *args, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out_text = done.stdout
-    assert "prompt formats: base=zero_shot, chat=chat" in out_text
+    assert "prompt formats: base=zero_shot, tuned=zero_shot, chat=chat" in out_text
     assert "chat vs base: INVALID: prompt format differs (base: zero_shot, chat: chat;" in out_text
     # Per-set lines with requests and responses: 200 jailbreak prompts are 40 requests, x 2 samples.
     lines = [line.split() for line in out_text.splitlines()]
