@@ -4,7 +4,8 @@ Run (about 15 minutes on 2 quiet cores; the tiny model is built in a temp folder
 
     . .venv/bin/activate && python bench/generate.py [--prompts 4096] [--batch-size 32]
         [--c-prompts 384] [--cap 120] [--no-vllm | --no-hf] [--v-prompts 2048] [--in-flight 8]
-        [--workdir DIR]
+        [--workdir DIR] [--scoring N]
+    python bench/generate.py --no-hf --no-vllm --scoring 64   # label-style scoring only (g0, g1)
 
 One run, one tiny Llama, the same synthetic prompts and the same settings for every variant:
 few_shot=1, 2 critique/revision rounds (5 engine calls per chain), temperature 0.9 with per-row
@@ -29,6 +30,12 @@ gets cheaper text by stopping early.  Each row gives prompts/s, completion token
           every row runs its own chain on vLLM's async engine.
   f       the vLLM engine's own ceiling, no Ray: every prompt eN's chains sent (rebuilt from its
           rows, with their seeds), in one generate call.  eN/f is the chain's share of it.
+
+  g0, g1  label-style scoring (``--scoring N`` comparisons, when ``import vllm`` works): the label
+          stage's ``score_orders`` (few-shot comparison prompts, 4 scored continuations a row) on
+          one vLLM engine with LoRA on, for the base weights and under an adapter (feedback=sft).
+          g0 scores one request per call, as engines/vllm.py did while LoRA was on; g1 sends a
+          call's rows together.  Both must give the same log-probs.  About 2 minutes at N=64.
 
 "steady" leaves out start-up and every worker's first batch (stage timings come from the part
 files' names, which carry their write time).  "CPU s" is CPU time of this process and all its
@@ -384,6 +391,57 @@ def run_vllm_chain(args, root: Path, model: str, data: Path) -> tuple[list[dict]
     return out, ratios, notes
 
 
+class _OneRequestPerCall:
+    """An engine whose ``score`` sends one row per call: the LoRA scoring path before the fix."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def score(self, prompts, continuations, adapter=None):
+        return [self.engine.score([p], [c], adapter=adapter)[0] for p, c in zip(prompts, continuations)]
+
+
+def run_scoring(root: Path, model: str, n: int) -> None:
+    """(g0), (g1): the label stage's comparison scoring, one request per call against batched."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cai_ray.config import EngineConfig, ModelConfig
+    from cai_ray.constitution import load_constitution
+    from cai_ray.constitution.feedback import score_orders
+    from cai_ray.engines import make_engine
+
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
+                          LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    lora.save_pretrained(root / "lora")
+    items = [{"id": f"s{i}", "prompt": f"How should I handle problem {i}?",
+              "response_1": f"Talk it through calmly, step {i}.", "response_2": "Go away and stop asking."}
+             for i in range(n)]
+    constitution = load_constitution("default")
+    engine = make_engine(ModelConfig(path=model), EngineConfig(backend="vllm", max_lora_rank=8))
+    print(f"\n{'label-style scoring (vLLM, LoRA on)':<44} {'rows':>5} {'total s':>8} {'rows/s':>7}  max |diff|")
+    try:
+        score_orders(engine, items[:2], constitution, 2, 0)  # warm-up
+        for adapter in (None, str(root / "lora")):
+            got = {}
+            for tag, eng in (("g0  one request per call (before)", _OneRequestPerCall(engine)),
+                             ("g1  a call's rows together (after)", engine)):
+                t0 = time.perf_counter()
+                got[tag] = score_orders(eng, items, constitution, 2, 0, adapter)
+                seconds = time.perf_counter() - t0
+                diff = max(abs(a[k] - b[k]) for a, b in zip(got[tag], next(iter(got.values())))
+                           for k in ("p_a_order1", "p_a_order2"))
+                print(f"{tag + (' +adapter' if adapter else ''):<44} {4 * n:>5} {seconds:>8.1f} "
+                      f"{4 * n / seconds:>7.1f}  {diff:.1e}", flush=True)
+    finally:
+        engine.close()
+
+
 def _fmt(x, spec: str) -> str:
     return "-" if x is None or x != x else format(x, spec)
 
@@ -473,6 +531,8 @@ def main() -> None:
     parser.add_argument("--v-prompts", type=int, default=2048, help="prompts for (e1), (eN) and (f)")
     parser.add_argument("--in-flight", type=int, default=8, help="generate.batches_in_flight of (eN)")
     parser.add_argument("--workdir", default=None, help="outputs go here (default: a new temp folder)")
+    parser.add_argument("--scoring", type=int, default=0,
+                        help="comparisons for (g0), (g1), label-style scoring on vLLM (0: skip)")
     args = parser.parse_args()
     for key, value in {**BASE_ENV, **LOOPBACK_ENV, **OFFLINE_ENV, "VLLM_LOGGING_LEVEL": "WARNING"}.items():
         os.environ.setdefault(key, value)
@@ -490,6 +550,8 @@ def main() -> None:
         has_vllm = True
     except Exception:  # noqa: BLE001 - a broken install means (d) cannot run here either
         has_vllm = False
+    if has_vllm and args.scoring:
+        run_scoring(root, model, args.scoring)
     if has_vllm and not args.no_vllm:
         if not args.no_hf:
             more_rows, more_ratios = run_vllm(cfg, rows)
@@ -502,7 +564,8 @@ def main() -> None:
     notes.append(f"whole benchmark {time.time() - started:.0f}s; load average now "
                  f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; OMP_WAIT_POLICY="
                  f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}")
-    print_table(rows_out, ratios, notes)
+    if rows_out:
+        print_table(rows_out, ratios, notes)
 
 
 if __name__ == "__main__":  # vLLM's worker processes re-import this module

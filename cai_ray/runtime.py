@@ -137,6 +137,8 @@ def _check_hub(key: str, repo: str, revision: str | None, offline: bool) -> str:
 def preflight(cfg: Any, command: str) -> list[str]:
     """Before any actor starts: hub setting applied, every model the command loads resolvable."""
     apply_hub_env(cfg)
+    if cluster_address(cfg) is None:
+        check_local_gpus(cfg, command)
     offline = hub_offline(cfg)
     return [check_model(key, model, offline) for key, model in _models(cfg, command)]
 
@@ -203,6 +205,39 @@ def init_ray(cfg: Any, **overrides: Any) -> dict[str, str]:
     # Worker output still reaches this process (log_to_driver), but into the command's log file.
     console.route_worker_output()
     return env
+
+
+# The GPU-only settings each command uses (None: every one).
+GPU_SETTINGS = {"generate": ("engine",), "label": ("engine",), "estimate": ("engine",), "sft": ("train",),
+                "dpo": ("train",), "evaluate": ("engine", "judge"), "serve-judge": ("judge",)}
+
+
+def check_local_gpus(cfg: Any, command: str | None = None) -> None:
+    """On the private local Ray, before any actor starts: a GPU-only setting on a machine whose
+    Ray has no GPU is one line naming the key (on a cluster, GPU nodes may still be added)."""
+    used = GPU_SETTINGS.get(command or "", ("engine", "train", "judge"))
+    if command == "estimate" and not cfg.estimate.calibrate:
+        return  # estimates a GPU config on a laptop without running a model
+    keys = [("train.use_gpu=true", "train" in used and cfg.train.use_gpu),
+            ("engine.device=cuda", "engine" in used and cfg.engine.device == "cuda"),
+            ("judge.engine.device=cuda", "judge" in used and bool(cfg.judge.model.path)
+             and cfg.judge.engine.device == "cuda")]
+    bad = [key for key, on in keys if on]
+    if not bad:
+        return
+    import ray
+
+    if ray.is_initialized():
+        gpus = ray.cluster_resources().get("GPU", 0)
+    elif cfg.runtime.num_gpus is not None:
+        gpus = cfg.runtime.num_gpus
+    else:  # what ray.init will find: Ray's own detection (CUDA_VISIBLE_DEVICES, NVML)
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        gpus = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+    if gpus <= 0:
+        raise ValueError(f"{bad[0]}: the local Ray has no GPU (runtime.num_gpus={cfg.runtime.num_gpus}); "
+                         f"run on a GPU machine or cluster (runtime.address) or turn the setting off")
 
 
 def live_nodes() -> list[NodeType]:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cai_ray.config.checks import ConfigError, _positive
+from cai_ray.config.checks import ConfigError, _positive, check_engine_units
 from cai_ray.config.evaluation import (EVAL_FORMATS, EVAL_KINDS, ArmConfig, EstimateConfig, EvalSetConfig,
                                       EvaluateConfig, FailureLimits, IterateConfig, JudgeConfig, SweepConfig)
 from cai_ray.config.inference import (HH_TRAIN_SUBSETS, PURPOSES, DataConfig, EngineConfig, GenerateConfig,
@@ -122,6 +122,7 @@ class Config:
             raise ConfigError(f"engine.max_lora_rank={self.engine.max_lora_rank} is below (1 + iterate.iterations) "
                               f"x train.lora.r={need} (the last DPO adapter's rank); set engine.max_lora_rank={need} "
                               f"or more")
+        check_engine_units(self)
         return self
 
     def require(self, stage: str) -> "Config":

@@ -36,3 +36,24 @@ def _placement(key: str, resources: dict, labels: dict, cpu_key: str, gpu_key: s
         if not name or not str(value):
             raise ConfigError(f"{key}.labels.{name}: label selector keys and values must be non-empty "
                               f"(e.g. {key}.labels.node-group=gen)")
+
+
+def check_engine_units(cfg: Any) -> None:
+    """Every engine against the actors or replicas that hold it: a CUDA engine needs a GPU
+    there, and tensor parallelism needs a whole GPU per rank (one line naming both keys)."""
+    units = [("engine", cfg.engine, "generate.num_gpus_per_actor", cfg.generate.num_gpus_per_actor,
+              "generate actors (generate, evaluate arms)")]
+    if cfg.dpo.pairs != "revisions":  # the label stage runs only for AI-feedback pairs
+        units.append(("engine", cfg.engine, "label.num_gpus_per_actor", cfg.label.num_gpus_per_actor,
+                      "label actors"))
+    if cfg.judge.model.path:
+        units.append(("judge.engine", cfg.judge.engine, "judge.num_gpus", cfg.judge.num_gpus, "judge replicas"))
+    for key, engine, gpu_key, gpus, where in units:
+        tp = engine.tensor_parallel_size
+        if engine.device == "cuda" and not gpus:
+            raise ConfigError(f"{key}.device=cuda but the {where} request no GPU ({gpu_key}=0); set "
+                              f"{gpu_key}={tp} or {key}.device=auto")
+        if tp > 1 and gpus < tp:
+            raise ConfigError(f"{key}.tensor_parallel_size={tp} needs {tp} GPUs on each of the {where}, "
+                              f"which request {gpus:g} ({gpu_key}); set {gpu_key}={tp} or lower "
+                              f"{key}.tensor_parallel_size")

@@ -43,6 +43,12 @@ class EngineConfig:
     enforce_eager: bool = False
     max_model_len: Optional[int] = None
     max_lora_rank: int = 16
+    # vLLM only: hand the callers' per-row seeds (chains, feedback samples, evaluate arms) to
+    # its sampler, so a row samples the same text whichever rows share its batch, as far as
+    # vLLM goes: exactly on CPU; on GPUs batch composition still changes the numerics unless
+    # vLLM's batch-invariant mode is on, while seeded requests leave its batched (FlashInfer)
+    # sampler.  false: rows draw from the engine's one generator.  The hf backend always seeds rows.
+    per_row_seeds: bool = True
     # GiB of KV cache for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: int = 1
 

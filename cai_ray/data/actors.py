@@ -27,7 +27,13 @@ class RevisionActor:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.constitution = load_constitution(cfg.generate.constitution)
-        self.engine = make_engine(cfg.model, cfg.engine)
+        # Chains run on the base model: no adapter, so vLLM starts without LoRA.
+        self.engine = make_engine(cfg.model, cfg.engine, lora=False, share=cfg.generate.num_gpus_per_actor)
+
+    def __del__(self):  # Ray Data deletes the callable when its actor stops
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.close()
 
     async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         g = self.cfg.generate

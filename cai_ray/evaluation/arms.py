@@ -65,34 +65,60 @@ def _adapter(cfg: Config, i: int, arm: ArmConfig) -> str | None:
                      f"pass the folder, e.g. {key}=PATH/{arm.adapter}/HASH/adapter")
 
 
+def arm_model(cfg: Config, arm: ArmConfig) -> ModelConfig:
+    """What an arm loads: the pipeline's model (with its revision and trust_remote_code) unless
+    the arm names its own, which is loaded at its default revision without remote code."""
+    if arm.model is None or arm.model == cfg.model.path:
+        return ModelConfig(path=cfg.model.path, role=arm.role, dtype=cfg.model.dtype,
+                           revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    return ModelConfig(path=arm.model, role=arm.role, dtype=cfg.model.dtype)
+
+
 def resolve_arms(cfg: Config) -> dict[str, dict]:
     """Arm name -> what it runs; the metadata the validity rules compare."""
     from cai_ray.engines.base import resolve_model_path
 
     arms = {}
     for i, arm in enumerate(cfg.evaluate.arms):
-        model = resolve_model_path(ModelConfig(path=arm.model or cfg.model.path, role=arm.role))
+        load = arm_model(cfg, arm)
+        model = resolve_model_path(load)
         adapter, sha = _adapter(cfg, i, arm), None
         if adapter:
             from cai_ray.train.lora import weights_sha256  # imports torch: only when an adapter is used
 
             sha = weights_sha256(adapter)  # a retrained adapter in the same folder is a new evaluation
         arms[arm.name] = {
-            "model": model, "role": arm.role, "adapter": adapter, "adapter_sha256": sha,
+            "model": model, "revision": load.revision, "trust_remote_code": load.trust_remote_code,
+            "role": arm.role, "adapter": adapter, "adapter_sha256": sha,
             "prompt_format": arm_format(cfg, arm), "sampling": asdict(cfg.evaluate.sampling),
             "samples_per_prompt": cfg.evaluate.samples_per_prompt}
     return arms
 
 
 class ArmGenerator:
-    """``map_batches`` callable holding one arm's engine: eval rows in, responses out."""
+    """``map_batches`` callable holding one engine for every arm of one base model (the arms
+    differ by adapter, served per request): eval rows tagged with their arm in, responses out.
+    Each response carries the id of the engine that wrote it, so start-ups can be counted."""
 
-    def __init__(self, cfg: Config, arm: dict):
+    def __init__(self, cfg: Config, arms: dict[str, dict]):
+        import uuid
+
         from cai_ray.engines import make_engine
 
-        self.cfg, self.arm = cfg, arm
-        model = ModelConfig(path=arm["model"], role=arm["role"], dtype=cfg.model.dtype)
-        self.engine = make_engine(model, cfg.engine)
+        self.cfg, self.arms = cfg, arms
+        first = next(iter(arms.values()))
+        model = ModelConfig(path=first["model"], role=first["role"], dtype=cfg.model.dtype,
+                            revision=first["revision"], trust_remote_code=first["trust_remote_code"])
+        self.engine = make_engine(model, cfg.engine, share=cfg.generate.num_gpus_per_actor,
+                                  lora=any(a["adapter"] for a in arms.values()))
+        self.engine_id = uuid.uuid4().hex[:12]
+        self.arm = first
+
+    def __del__(self):  # Ray Data deletes the callable when its actor stops
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            self.engine = None
+            engine.close()
 
     def _prompt(self, text: str) -> str:
         if self.arm["prompt_format"] == "chat":
@@ -119,6 +145,15 @@ class ArmGenerator:
         return out
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        parts = []
+        for name, rows in batch.groupby("arm", sort=False):
+            self.arm = self.arms[name]
+            parts.append(self._answer(rows.reset_index(drop=True)))
+        out = pd.concat(parts, ignore_index=True)
+        out["engine"] = self.engine_id
+        return out
+
+    def _answer(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = batch.copy()
         n = len(batch)
         try:
@@ -145,26 +180,54 @@ class ArmGenerator:
         return out
 
 
-def generate_arm(cfg: Config, name: str, arm: dict, items: list[dict]) -> list[dict]:
-    """One arm's responses to ``items`` on an actor pool, in any order, each tagged with the arm."""
+def engine_groups(arms: dict[str, dict]) -> list[dict[str, dict]]:
+    """Arms that one engine serves: those loading the same model (path and revision)."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for name, arm in arms.items():
+        groups.setdefault((arm["model"], arm["revision"], arm["trust_remote_code"]), {})[name] = arm
+    return list(groups.values())
+
+
+def generate_arms(cfg: Config, arms: dict[str, dict], items: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Every arm's responses to ``items``, tagged with the arm, and the engine start-ups per model.
+
+    The arms of one model share an actor pool, so each actor starts one engine for all of them;
+    arms of another model (an instruct baseline) get their own pool after it."""
+    rows: list[dict] = []
+    starts: dict[str, int] = {}
+    for group in engine_groups(arms):
+        done, engines = _generate_group(cfg, group, items)
+        rows += done
+        model = next(iter(group.values()))["model"]
+        starts[model] = starts.get(model, 0) + engines
+    return rows, starts
+
+
+def _generate_group(cfg: Config, group: dict[str, dict], items: list[dict]) -> tuple[list[dict], int]:
     import ray
 
     from cai_ray.evaluation.rating import plain
     from cai_ray.runtime import placement
 
     g = cfg.generate
-    blocks = max(1, -(-len(items) // g.batch_size))
+    # Arm by arm: a batch then mostly holds one arm's rows (one adapter, one engine call).
+    work = [{**item, "arm": name} for name in group for item in items]
+    blocks = max(1, -(-len(work) // g.batch_size))
     actors = min(g.actors, blocks)
-    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        ArmGenerator, fn_constructor_kwargs={"cfg": cfg, "arm": arm}, batch_size=g.batch_size,
+    ds = ray.data.from_items(work, override_num_blocks=blocks).map_batches(
+        ArmGenerator, fn_constructor_kwargs={"cfg": cfg, "arms": group}, batch_size=g.batch_size,
         # Autoscaling from one actor: a judge kept up by a sweep may hold part of the resources.
         batch_format="pandas", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         **placement("generate", g, count=actors).ray_options())
     rows: list[dict] = []
-    with console.progress(f"evaluate: {name}", total=len(items), unit="responses") as bar:
+    engines: set[str] = set()
+    with console.progress(f"evaluate: {', '.join(group)}", total=len(work), unit="responses") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-            rows += [{**plain(r), "arm": name} for r in batch.to_dict("records")]
+            engines.update(batch.pop("engine"))
+            rows += [plain(r) for r in batch.to_dict("records")]
             bar.advance(len(batch))
-    if len(rows) != len(items):
-        raise RuntimeError(f"evaluate: arm {name} returned {len(rows)} responses for {len(items)} prompts")
-    return rows
+    for name in group:
+        got = sum(r["arm"] == name for r in rows)
+        if got != len(items):
+            raise RuntimeError(f"evaluate: arm {name} returned {got} responses for {len(items)} prompts")
+    return rows, len(engines)

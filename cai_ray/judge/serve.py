@@ -96,13 +96,19 @@ class JudgeDeployment:
 
         self.judge = judge
         self._failure: str | None = None
-        self._engine = make_engine(judge.model, judge.engine)
+        # The judge serves no adapter: vLLM starts without LoRA.
+        self._engine = make_engine(judge.model, judge.engine, lora=False, share=judge.num_gpus)
         if judge.model.role == "instruct":
             # Fails here, at start-up, for a model without a chat template.
             self._engine.chat_format([{"role": "user", "content": "x"}])
             self.format, self._stop = "chat", None
         else:
             self.format, self._stop = "fewshot", list(BASE_STOP)
+
+    def __del__(self):  # Serve calls it when the replica shuts down
+        engine, self._engine = getattr(self, "_engine", None), None
+        if engine is not None:
+            engine.close()
 
     def check_health(self) -> None:
         if self._engine is None:

@@ -39,7 +39,9 @@ def _measure(cfg: Config, sample: list[dict]) -> dict:
     """Run the chain on ``sample`` with the configured engine: tokens per prompt and speed."""
     from cai_ray.engines import make_engine
 
-    engine = make_engine(cfg.model, cfg.engine)
+    # On a GPU the vLLM engine starts its core with spawn (engines/vllm.py): this is a Ray
+    # task, not an actor, and CUDA has been asked for its devices by then.
+    engine = make_engine(cfg.model, cfg.engine, lora=False, share=cfg.generate.num_gpus_per_actor)
     g = cfg.generate
     constitution = load_constitution(g.constitution)
     # warm-up: first-call costs are not throughput

@@ -26,7 +26,7 @@ from cai_ray.config import Config, stage_dir, stage_hash, to_yaml
 from cai_ray.constitution.chain import row_seed
 from cai_ray.evaluation import render
 from cai_ray.evaluation.agreement import text as agreement_text
-from cai_ray.evaluation.arms import generate_arm, resolve_arms
+from cai_ray.evaluation.arms import generate_arms, resolve_arms
 from cai_ray.evaluation.rating import rate
 from cai_ray.evaluation.report import build_report
 from cai_ray.evaluation.sets import check_heldout, load_eval_sets
@@ -149,11 +149,13 @@ def run(cfg: Config, store: Store, loaded: tuple | None = None) -> dict:
     work = [{**r, "sample": s, "seed": row_seed(e.sampling.seed, r["id"], "evaluate", s)}
             for r in items for s in range(e.samples_per_prompt)]
     init_ray(cfg)
-    responses = [row for name, arm in arms.items() for row in generate_arm(cfg, name, arm, work)]
+    responses, engine_starts = generate_arms(cfg, arms, work)
     rows = rate(cfg, responses)
     report = build_report(rows, arms, e.max_share, e.min_rater_kappa, e.allow_mixed_formats, e.bootstrap, cfg.seed)
     report.update(stage="evaluate", output=str(out), config_hash=stage_hash(cfg, "evaluate", upstream),
                   sets=sets, train_prompts_checked=train_checked, mlflow_run_id=store.run_id,
+                  # Engines started per model: at most generate.actors each, however many arms.
+                  engine_starts=engine_starts,
                   judge={"model": cfg.judge.model.path, "role": cfg.judge.model.role,
                          "harm_rubric": cfg.judge.harm_rubric},
                   limits={"max_share": asdict(e.max_share), "min_rater_kappa": e.min_rater_kappa})

@@ -58,11 +58,21 @@ class LabelActor:
 
         self.cfg, self.policy, self.feedback = cfg, policy, feedback
         self.constitution = load_constitution(cfg.label.constitution or cfg.generate.constitution)
-        # A base feedback model and a base + adapter policy share one engine.
+        # A base feedback model and a base + adapter policy share one engine; distinct models
+        # get one each, splitting the actor's GPU memory between them.
+        models: dict[str, tuple[ModelConfig, bool]] = {}
+        for model, adapter in filter(None, (policy, feedback)):
+            known = models.get(model.path, (model, False))
+            models[model.path] = (known[0], known[1] or adapter is not None)
         self.engines = {}
-        for model, _ in filter(None, (policy, feedback)):
-            if model.path not in self.engines:
-                self.engines[model.path] = make_engine(model, cfg.engine)
+        for path, (model, lora) in models.items():
+            self.engines[path] = make_engine(model, cfg.engine, lora=lora, share=cfg.label.num_gpus_per_actor,
+                                             engines=len(models))
+
+    def __del__(self):  # Ray Data deletes the callable when its actor stops
+        engines, self.engines = getattr(self, "engines", {}), {}
+        for engine in engines.values():
+            engine.close()
 
     def __call__(self, batch):
         import pandas as pd

@@ -199,11 +199,56 @@ def test_lora_adapter_switches_on_and_off(tiny, hf):
         hf.generate(PROMPTS, GREEDY, adapter=tiny.base)
 
 
+def test_engines_are_sized_for_the_unit_holding_them(tiny):
+    # Two engines in an actor holding half a GPU: a quarter of gpu_memory_utilization each; no
+    # adapter served: LoRA off (vLLM then starts without it).
+    engine = make_engine(ModelConfig(path=tiny.base), EngineConfig(gpu_memory_utilization=0.8),
+                         lora=False, share=0.5, engines=2)
+    assert engine.engine_cfg.max_lora_rank == 0
+    assert engine.engine_cfg.gpu_memory_utilization == pytest.approx(0.2)
+    engine.close()
+    assert engine.model is None
+
+
 def test_hf_backend_never_imports_vllm(tiny):
     code = ("import sys; from cai_ray.config import *; from cai_ray.engines import make_engine; "
             f"make_engine(ModelConfig(path={tiny.base!r}), EngineConfig()); "
             "assert 'vllm' not in sys.modules, 'vllm imported'")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_pinned_revision_reaches_the_evaluate_arm_engine(tiny, tmp_path):
+    """A hub id whose only snapshot is the revision ``v1`` (an offline hub cache built here):
+    loading it needs model.revision, so an arm's engine that dropped it would fail to start."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--cai--tiny"
+    shutil.copytree(tiny.base, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v1").write_text(commit)
+    code = f"""
+import pandas as pd
+from cai_ray.config import EngineConfig, ModelConfig, load_config
+from cai_ray.engines import make_engine
+from cai_ray.evaluation.arms import ArmGenerator, resolve_arms
+cfg = load_config(None, ["model.path=cai/tiny", "model.revision=v1", "output_dir={tmp_path / 'out'}",
+                         "evaluate.sampling.max_new_tokens=4", "evaluate.arms=[{{name: base}}, {{name: other}}]"])
+arms = resolve_arms(cfg)
+assert arms["base"]["revision"] == "v1", arms
+actor = ArmGenerator(cfg, arms)  # one engine for both arms of the pinned model
+batch = pd.DataFrame({{"prompt": ["hi", "hello"], "seed": [1, 2], "arm": ["base", "other"]}})
+out = actor(batch)
+assert list(out["finish_reason"]) == ["length", "length"] and out["engine"].nunique() == 1, out
+try:
+    make_engine(ModelConfig(path="cai/tiny"), EngineConfig())
+except ValueError as exc:
+    print("unpinned:", exc)
+"""
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "unpinned: model.path=cai/tiny: no such folder and not a hub id available offline" in done.stdout
 
 
 # -- vLLM ------------------------------------------------------------------------

@@ -30,20 +30,38 @@ def _args(tmp_path, base, chat, *extra):
             "judge.sampling.max_new_tokens=8", *extra]
 
 
+def _adapter(base, folder: Path) -> str:
+    """A LoRA on the tiny base whose random B matrices change its replies."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(2)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
 def test_evaluate_reports_per_set_over_requests_with_both_raters(tmp_path, tiny_base, tiny_chat, capsys):
     sets = ("evaluate.sets=[{source: samples:red_team_eval}, {source: samples:jailbreak_eval}, "
             "{source: samples:benign_eval}, {source: samples:capability_eval}]")
+    adapter = _adapter(tiny_base, tmp_path / "lora")
+    # Three arms, two of them the tiny base (one with an adapter): one engine serves both.
     args = _args(tmp_path, tiny_base, tiny_chat, sets, "evaluate.samples_per_prompt=2",
-                 "evaluate.arms=[{name: base},"
+                 f"evaluate.arms=[{{name: base}}, {{name: tuned, adapter: {adapter}}},"
                  f"{{name: chat, model: {tiny_chat}, role: instruct, format: chat}}]",
                  f"judge.port={free_port()}",
                  # The tiny models' sampled text is byte soup; a run of two symbols is flagged, so part
                  # of it counts as garbage, as a collapsed real model's would.
                  "generate.quality.max_symbol_run=1")
-    done = cai("evaluate", "configs/quickstart.yaml", *args)
+    done = cai("evaluate", "configs/quickstart.yaml", *args, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out_text = done.stdout
-    assert "prompt formats: base=zero_shot, chat=chat" in out_text
+    assert "prompt formats: base=zero_shot, tuned=zero_shot, chat=chat" in out_text
     assert "chat vs base: INVALID: prompt format differs (base: zero_shot, chat: chat;" in out_text
     # Per-set lines with requests and responses: 200 jailbreak prompts are 40 requests, x 2 samples.
     lines = [line.split() for line in out_text.splitlines()]
@@ -58,7 +76,10 @@ def test_evaluate_reports_per_set_over_requests_with_both_raters(tmp_path, tiny_
     report = json.loads((out / "report.json").read_text())
     assert report["sets"]["jailbreak_eval"] == {**report["sets"]["jailbreak_eval"], "kind": "harm",
                                                 "prompts": 200, "requests": 40}
-    for arm in ("base", "chat"):
+    # One engine start-up per actor (generate.actors=1) for each model, whatever its arms.
+    assert report["engine_starts"] == {str(Path(tiny_base).resolve()): 1, str(Path(tiny_chat).resolve()): 1}
+    assert report["arms"]["tuned"]["adapter"] == str(Path(adapter).resolve())
+    for arm in ("base", "tuned", "chat"):
         entry = report["arms"][arm]
         assert entry["responses"] == 2 * (280 + 24)
         # The alignment tax's reference log-likelihood is scored by the policy itself: always a number.
@@ -74,7 +95,7 @@ def test_evaluate_reports_per_set_over_requests_with_both_raters(tmp_path, tiny_
 
     # Rows never vanish: every (arm, response, metric, rater) is rated or failed; none imputed.
     rows = pq.read_table(out / "ratings.parquet").to_pylist()
-    assert len(rows) == 2 * 2 * (240 * 2 + 40 * 3 + 24 * 2)
+    assert len(rows) == 3 * 2 * (240 * 2 + 40 * 3 + 24 * 2)
     assert {(r["metric"], r["rater"]) for r in rows} == {
         ("asr", "judge"), ("asr", "keyword"), ("over_refusal", "judge"), ("over_refusal", "keyword"),
         ("helpfulness", "judge"), ("cap_helpfulness", "judge"), ("ref_logprob", "model")}
@@ -93,7 +114,7 @@ def test_evaluate_reports_per_set_over_requests_with_both_raters(tmp_path, tiny_
         "evaluate/responses.json", "evaluate/chart.png", "evaluate/report.json"}
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "evaluate/responses.json",
                                                       str(tmp_path))).read_text())
-    assert len(table["data"]) == 2 * 608 and {"prompt", "response", "asr_raw", "asr_keyword"} <= set(table["columns"])
+    assert len(table["data"]) == 3 * 608 and {"prompt", "response", "asr_raw", "asr_keyword"} <= set(table["columns"])
 
     from cai_ray.cli import main  # the same command in-process: a finished config returns before Ray
 

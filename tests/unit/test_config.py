@@ -18,7 +18,7 @@ def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
     assert cfg.model.path == "m"
 
 
-@pytest.mark.parametrize("config", ["quickstart.yaml", "llama-3.2-3b.yaml"])
+@pytest.mark.parametrize("config", ["quickstart.yaml", "llama-3.2-3b.yaml", "llama-3-8b.yaml"])
 def test_shipped_configs_validate(config):
     cfg = load_config(ROOT / "configs" / config)
     assert cfg.model.role == "base"
@@ -43,6 +43,14 @@ def test_unknown_key_names_key_and_suggests_fix():
     (["evaluate.arms=[{name: a, format: chat}]"], "evaluate.arms[0].format=chat needs an instruct model"),
     (["rounds"], "is not key=value"),
     (["engine.backend=vllm", "train.lora.r=16", "engine.max_lora_rank=16"], "engine.max_lora_rank=16 is below"),
+    # Engines against the actors/replicas holding them: CUDA needs a GPU, tensor parallelism one per rank.
+    (["engine.device=cuda"], "engine.device=cuda but the generate actors (generate, evaluate arms) request "
+                             "no GPU (generate.num_gpus_per_actor=0)"),
+    (["engine.device=cuda", "generate.num_gpus_per_actor=1", "dpo.pairs=feedback"],
+     "engine.device=cuda but the label actors request no GPU (label.num_gpus_per_actor=0)"),
+    (["engine.device=cuda", "generate.num_gpus_per_actor=0.5", "engine.tensor_parallel_size=2"],
+     "engine.tensor_parallel_size=2 needs 2 GPUs on each of the generate actors"),
+    (["judge.model.path=j", "judge.engine.device=cuda"], "judge.engine.device=cuda but the judge replicas"),
 ])
 def test_bad_values_fail_with_one_line(override, fragment):
     with pytest.raises(ConfigError) as err:
@@ -89,3 +97,22 @@ def test_resolved_yaml_round_trips(tmp_path):
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(to_yaml(cfg))
     assert load_config(dumped) == cfg
+
+
+def test_gpu_only_settings_on_a_local_ray_without_gpus_stop_in_one_line(tmp_path, capsys):
+    from cai_ray.cli import main
+    from cai_ray.runtime import check_local_gpus
+
+    cfg = load_config(QUICKSTART, ["train.use_gpu=true", "runtime.num_gpus=0"])
+    with pytest.raises(ValueError, match=r"^train.use_gpu=true: the local Ray has no GPU"):
+        check_local_gpus(cfg, "sft")
+    check_local_gpus(cfg, "generate")  # generation does not train
+    check_local_gpus(load_config(QUICKSTART, ["train.use_gpu=true", "runtime.num_gpus=1"]), "sft")
+    # Through the CLI: before Ray, an MLflow run or any output.
+    out = tmp_path / "out"
+    args = ["generate", str(QUICKSTART), "engine.device=cuda", "generate.num_gpus_per_actor=1",
+            "runtime.num_gpus=0", f"output_dir={out}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "engine.device=cuda: the local Ray has no GPU" in err[0]
+    assert {p.name for p in out.iterdir()} == {"logs"}  # no MLflow store, no stage folder

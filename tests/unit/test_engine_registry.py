@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from cai_ray.config import EngineConfig, ModelConfig, SamplingConfig
-from cai_ray.engines import BACKENDS, Completion, make_engine
+from cai_ray.engines import BACKENDS, Completion, gpu_share, make_engine
 from cai_ray.engines.base import find_stop, resolve_model_path, row_seeds
 
 
@@ -56,3 +56,16 @@ def test_paths_that_cannot_be_hub_ids_fail_with_the_path(path):
 def test_existing_folder_resolves_and_hub_id_passes_through(tmp_path):
     assert resolve_model_path(ModelConfig(path=str(tmp_path))) == str(tmp_path.resolve())
     assert resolve_model_path(ModelConfig(path="meta-llama/Llama-3.2-3B")) == "meta-llama/Llama-3.2-3B"
+
+
+@pytest.mark.parametrize("gpus, engines, tp, share", [
+    (None, 1, 1, 0.8),    # a whole GPU per rank when the caller does not say
+    (1, 1, 1, 0.8),
+    (0.5, 1, 1, 0.4),     # two actors on one GPU: each gets half
+    (1, 2, 1, 0.4),       # the label actor's policy and feedback engines on one GPU
+    (2, 1, 2, 0.8),       # tensor parallel: one GPU per rank
+    (1, 1, 2, 0.4),
+])
+def test_engines_sharing_a_gpu_split_its_memory(gpus, engines, tp, share):
+    engine = EngineConfig(gpu_memory_utilization=0.8, tensor_parallel_size=tp)
+    assert gpu_share(engine, gpus, engines) == pytest.approx(share)

