@@ -76,8 +76,8 @@ def _kind_block(report: dict, kind: str) -> list[str]:
 
 def _status(problems: list[dict]) -> str:
     """ok, or UNRELIABLE with what made it so (the full reasons are in report.json)."""
-    names = [f"judge SUSPECT ({LABELS[p['key'][6:]]} kappa)" if p["key"].startswith("kappa:") else LABELS[p["key"]]
-             for p in problems]
+    names = [f"judge SUSPECT ({LABELS[p['metric']]} {p['key'].split(':')[0]})" if p.get("metric")
+             else LABELS[p["key"]] for p in problems]
     return f"UNRELIABLE: {', '.join(names)}" if names else "ok"
 
 
@@ -100,6 +100,17 @@ def _agreement(report: dict) -> list[str]:
         if values:
             parts.append(f"{arm} " + ", ".join(values))
     return ["judge vs keyword rater, Cohen's kappa: " + "; ".join(parts)] if parts else []
+
+
+def _judge_check(report: dict) -> list[str]:
+    """The judge's accuracy on the labelled check set, per rubric; SUSPECT below judge.min_accuracy."""
+    check = report.get("judge_check")
+    if not check:
+        return ["judge check: not run (judge.check=false); the judge's columns are unchecked"]
+    parts = [f"{LABELS[m]} ({c['rubric']}) {c['accuracy']:.2f} [{c['lo']:.2f},{c['hi']:.2f}] {c['correct']}/{c['n']}, "
+             f"parse fail {c['parse_failures']}/{c['n']}{': SUSPECT' if c['suspect'] else ''}"
+             for m, c in check["metrics"].items()]
+    return [f"judge check on {check['rows']} labelled rows (Wilson 95%; failures count as wrong): " + "; ".join(parts)]
 
 
 def _difference(key: str, d: dict) -> str:
@@ -131,7 +142,7 @@ def summary_text(report: dict, header: str = "") -> str:
     lines.append(f"prompt formats: {formats}; rates are over requests (95% cluster-bootstrap intervals)")
     for kind in COLUMNS:
         lines += _kind_block(report, kind)
-    lines += _failures(report) + _agreement(report)
+    lines += _failures(report) + _agreement(report) + _judge_check(report)
     return "\n".join(lines + _comparisons(report))
 
 
