@@ -29,6 +29,8 @@ STAGES: dict[str, tuple[str, str]] = {
                  "tokens, device-hours and cost of each stage at the configured scale"),
     "label": ("cai_ray.stages.label",
               "preference labels from AI feedback (RL-CAI): two SL-CAI samples, base-model comparison"),
+    "judge": ("cai_ray.stages.judge",
+              "measure the judge: --check scores labelled rows (accuracy per rubric, confusion, parse failures)"),
     "serve-judge": ("cai_ray.stages.serve_judge",
                     "run the judge on Ray Serve (HTTP on judge.host:judge.port) until Ctrl-C"),
 }
@@ -55,6 +57,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "jobs": ("cai_ray.submit:jobs_main", "list, inspect, follow or stop Ray Jobs"),
     "plan": ("cai_ray.plan:plan_main", "what each stage requests against a cluster file's node types"),
 }
+JUDGE_MODES = {"check": "score the shipped labelled check set (and judge.check_data): accuracy per rubric "
+                        "with Wilson intervals, a confusion table and the parse-failure share"}
 UI_HELP = "browse this config's MLflow runs: starts the MLflow UI on 127.0.0.1 and prints its URL"
 UI_PORT = 5000
 
@@ -75,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["label"].add_argument(
         "--check", action="store_true",
         help="score the shipped check pairs (and label.check_data): feedback-model accuracy and calibration")
+    # One flag per mode of `cai-ray judge` (cai_ray/stages/judge.py MODES; listed here so --help
+    # imports no stage); exactly one is given.
+    modes = sub.choices["judge"].add_mutually_exclusive_group(required=True)
+    for mode, text in JUDGE_MODES.items():
+        modes.add_argument(f"--{mode}", action="store_true", help=text)
     ui = sub.add_parser("ui", help=UI_HELP, description=UI_HELP)
     _config_args(ui)
     ui.add_argument("--port", type=int, default=None,
@@ -167,7 +176,8 @@ def _run_captured(args, cfg) -> int:
         console.say(f"cai-ray {args.command}: library and worker output -> {_shown(path)} (--verbose shows it here)")
     ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     try:
-        summary = run_command(args.command, cfg, **({"check": True} if getattr(args, "check", False) else {}))
+        flags = ("check", *JUDGE_MODES)
+        summary = run_command(args.command, cfg, **{f: True for f in dict.fromkeys(flags) if getattr(args, f, False)})
     finally:
         # Shut down a Ray this command started while the log still catches its farewell lines.
         ray = sys.modules.get("ray")
