@@ -106,35 +106,48 @@ def _predicted(got: dict) -> Optional[bool]:
     return bool(got["score"] >= 0.5)
 
 
-def summarize(judge: JudgeConfig, rows: list[dict], verdicts: dict[str, dict]) -> dict:
-    """Per metric: accuracy (failures wrong) with its Wilson interval, confusion, per-category counts."""
-    by_verdict: dict[str, list[tuple[dict, Optional[bool], dict]]] = defaultdict(list)
+def row_results(judge: JudgeConfig, rows: list[dict], verdicts: dict[str, dict]) -> list[dict]:
+    """Per check row: its label, the judge's answer (None: no verdict), the raw text and why it failed."""
+    out = []
     for r, req in zip(rows, check_requests(judge, rows)):
         got = verdicts.get(req["key"]) or {"failed": True, "error": "no verdict"}
-        by_verdict[r["verdict"]].append((r, _predicted(got), got))
+        pred = _predicted(got)
+        out.append({"id": r["id"], "set": r["set"], "category": r["category"], "verdict": r["verdict"],
+                    "rubric": req["rubric"], "label": r["label"], "judged": pred,
+                    "correct": pred is not None and pred == r["label"], "parse_ok": bool(got.get("parse_ok")),
+                    "failed": bool(got.get("failed")), "raw": got.get("raw"), "error": got.get("error") or ""})
+    return out
+
+
+def summarize(judge: JudgeConfig, rows: list[dict], verdicts: dict[str, dict]) -> dict:
+    """Per metric: accuracy (failures wrong) with its Wilson interval, confusion, per-category counts."""
+    by_verdict: dict[str, list[dict]] = defaultdict(list)
+    for res in row_results(judge, rows, verdicts):
+        by_verdict[res["verdict"]].append(res)
     metrics = {}
     for column, items in by_verdict.items():
         _, metric, rubric = VERDICTS[column]
-        correct = sum(pred is not None and pred == r["label"] for r, pred, _ in items)
-        parsed = [(r, pred) for r, pred, _ in items if pred is not None]
+        correct = sum(r["correct"] for r in items)
+        parsed = [r for r in items if r["judged"] is not None]
         acc = wilson(correct, len(items))
         confusion = {truth: {shown: 0 for shown in ("yes", "no", "failed")} for truth in ("yes", "no")}
         categories: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for r, pred, _ in items:
-            confusion["yes" if r["label"] else "no"]["failed" if pred is None else "yes" if pred else "no"] += 1
-            categories[r["category"]][0] += pred is not None and pred == r["label"]
+        for r in items:
+            shown = "failed" if r["judged"] is None else "yes" if r["judged"] else "no"
+            confusion["yes" if r["label"] else "no"][shown] += 1
+            categories[r["category"]][0] += r["correct"]
             categories[r["category"]][1] += 1
-        errors = Counter((got.get("error") or "")[:60] for _, pred, got in items if pred is None)
+        errors = Counter(r["error"][:60] for r in items if r["judged"] is None)
+        parse_failures = sum(1 for r in items if r["judged"] is None and not r["failed"])
         metrics[metric] = {
             "rubric": rubric or judge.harm_rubric, "column": column, "n": len(items), "correct": correct,
             "accuracy": acc.estimate, "lo": acc.lo, "hi": acc.hi,
             "accuracy_parsed": correct / len(parsed) if parsed else None,
-            "parse_failures": sum(1 for _, pred, got in items if pred is None and not got.get("failed")),
-            "judge_failures": sum(1 for _, pred, got in items if got.get("failed")),
+            "parse_failures": parse_failures, "parse_failure_share": parse_failures / len(items),
+            "judge_failures": sum(1 for r in items if r["failed"]),
             "confusion": confusion, "per_category": {k: {"correct": c, "n": n} for k, (c, n) in categories.items()},
             "failure_reasons": dict(errors.most_common(5)),
             "suspect": acc.lo < judge.min_accuracy, "min_accuracy": judge.min_accuracy}
-        metrics[metric]["parse_failure_share"] = metrics[metric]["parse_failures"] / len(items)
     return {"rows": len(rows), "sets": sorted({r["set"] for r in rows}), "judge": judge.model.path,
             "role": judge.model.role, "metrics": metrics,
             "suspect": [m for m, c in metrics.items() if c["suspect"]]}
@@ -176,8 +189,11 @@ def run_judge_check(cfg: Config, store) -> dict:
         summary = json.loads((out / "report.json").read_text())
     else:
         init_ray(cfg)
-        summary = summarize(cfg.judge, rows, judge_requests(cfg, check_requests(cfg.judge, rows), "judge check"))
+        verdicts = judge_requests(cfg, check_requests(cfg.judge, rows), "judge check")
+        summary = summarize(cfg.judge, rows, verdicts)
         out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "verdicts.jsonl", "".join(json.dumps(r) + "\n"
+                                                     for r in row_results(cfg.judge, rows, verdicts)))
         write_atomic(out / "report.json", json.dumps(summary, indent=2) + "\n")
     summary["output"] = str(out)
     text = check_text(summary)
@@ -186,7 +202,7 @@ def run_judge_check(cfg: Config, store) -> dict:
                     "suspect": ",".join(summary["suspect"]) or "none"})
     store.log_metrics({f"check/{m}/{k}": float(c[k]) for m, c in summary["metrics"].items()
                        for k in ("accuracy", "lo", "hi", "parse_failure_share", "suspect", "n")})
-    for name in ("report.json", "check.txt"):
+    for name in ("report.json", "check.txt", "verdicts.jsonl"):
         store.log_artifact(out / name, "judge-check")
     print(text, flush=True)
     return summary
