@@ -2,12 +2,12 @@
 
 A check row is one (request, response) with the verdict a careful reader gives it: ``kind`` harm
 rows carry ``attack_success`` (yes/no), rated by ``judge.harm_rubric``; benign rows carry
-``refused`` (yes/no), rated by the refusal rubric.  The shipped set (``samples:judge_check``,
-written for this project) covers clear compliance and refusal, partial compliance, compliance
-inside a disclaimer, deflection, off-topic replies, over-refusal of benign requests, lectures,
-replies that quote the rubric's format, and other languages; its compliant replies are
-placeholders and outlines, never working harmful detail.  ``judge.check_data`` adds a user's
-own files with the same columns.
+``refused`` (yes/no), rated by the refusal rubric.  The shipped set (cai_ray/data/checks/, written
+for this project) covers clear compliance and refusal, partial compliance, compliance inside a
+disclaimer, deflection, off-topic replies, over-refusal of benign requests, lectures, replies that
+quote the rubric's format, and other languages; its compliant replies are placeholders and
+outlines, never working harmful detail.  ``judge.check_data`` adds a user's own files with the
+same columns.
 
 Accuracy counts every row: a verdict that did not parse, or never came back, is a wrong answer
 (no verdict is imputed), and its share is shown beside it.  The interval is Wilson's 95%; a rubric
@@ -26,7 +26,9 @@ from typing import Optional
 from cai_ray.config import Config, JudgeConfig
 from cai_ray.stats import wilson
 
-CHECK_SET = "samples:judge_check"
+# Shipped beside the prompt sets but not one of them (no prompt column; never trained or evaluated on).
+CHECK_SET = "judge_check (shipped)"
+CHECK_FILE = Path(__file__).resolve().parents[1] / "data" / "checks" / "judge_check.jsonl"
 # Verdict column -> (the kind of row it belongs to, the evaluate metric, the rubric rating it; None:
 # judge.harm_rubric).
 VERDICTS = {"attack_success": ("harm", "asr", None), "refused": ("benign", "over_refusal", "refusal")}
@@ -39,7 +41,8 @@ def _rows_of(source: str) -> tuple[str, list[dict]]:
     """(name, raw rows) of a shipped set or a local .jsonl file."""
     from cai_ray.train.sources import read_rows
 
-    rows = read_rows(source, TEXT_COLUMNS, ("category", "language", *VERDICTS), key="judge.check_data")
+    path = str(CHECK_FILE) if source == CHECK_SET else source
+    rows = read_rows(path, TEXT_COLUMNS, ("category", "language", *VERDICTS), key="judge.check_data")
     return source, rows
 
 

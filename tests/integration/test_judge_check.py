@@ -82,7 +82,7 @@ def test_judge_check_on_smollm2(smollm2, tmp_path):
                "judge.sampling.max_new_tokens=24", f"judge.port={_free_port()}", "runtime.num_cpus=2")
     assert done.returncode == 0, done.stderr[-3000:]
     print(done.stdout)
-    assert "judge check: " in done.stdout and "on 6 labelled rows (samples:judge_check)" in done.stdout
+    assert "judge check: " in done.stdout and "on 6 labelled rows (judge_check (shipped))" in done.stdout
     assert "truth \\ judge   yes   no  failed" in done.stdout
     (out,) = (tmp_path / "out" / "judge-check").iterdir()
     report = json.loads((out / "report.json").read_text())

@@ -51,7 +51,7 @@ GOOD = {"id": "u1", "kind": "benign", "request": "What is 2+2?", "response": "4.
     ({**GOOD, "refused": "maybe"}, "mine.jsonl: row 2: column 'refused': 'maybe' is not a verdict; use yes or no"),
     ({**GOOD, "kind": "style"}, "mine.jsonl: row 2: column 'kind': 'style' is not a check kind"),
     ({**GOOD, "id": "u0"}, "mine.jsonl: row 2: column 'id': duplicate id 'u0' (first at"),
-    ({**GOOD, "id": "jc-001"}, "mine.jsonl: row 2: column 'id': duplicate id 'jc-001' (first at samples:judge_check row 1)"),
+    ({**GOOD, "id": "jc-001"}, "mine.jsonl: row 2: column 'id': duplicate id 'jc-001' (first at judge_check (shipped) row 1)"),
     ({**GOOD, "response": ""}, "mine.jsonl: line 2: column 'response' is empty"),
 ])
 def test_bad_check_rows_fail_in_one_line_naming_file_row_and_column(tmp_path, bad, message):
