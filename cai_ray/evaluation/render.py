@@ -7,9 +7,10 @@ How to read the text (also in the README and ``cai-ray evaluate --help``):
   request's share, the interval resamples requests, ``hits/rated`` counts responses
   (e.g. harmful / judged); ``n/a`` means nothing could be rated;
 - ``failures`` shows, per arm, the share of responses that failed each way (``!`` past its limit);
+- ``judge check``: the judge's accuracy per rubric on labelled rows (SUSPECT below judge.min_accuracy);
 - a comparison is ``b - a`` over the requests both arms rated, with a paired bootstrap interval
   and a sign-test p; it is INVALID when prompts, sampling or failure shares differ, or an arm is
-  UNRELIABLE (judge problems void only the judge's columns).
+  UNRELIABLE (judge problems void only the judge's columns; a judge SUSPECT on one metric, only that one).
 """
 from __future__ import annotations
 
@@ -177,6 +178,9 @@ def flat_metrics(report: dict) -> dict[str, float]:
             out.update(_interval(f"{name}/{key}_diff", d, "diff"))
             if d.get("p_value") is not None:
                 out[f"{name}/{key}_p"] = d["p_value"]
+    for metric, c in ((report.get("judge_check") or {}).get("metrics") or {}).items():
+        out.update({f"judge_check/{metric}/{k}": float(c[k]) for k in ("accuracy", "lo", "hi", "suspect")})
+        out[f"judge_check/{metric}/parse_failure_share"] = c["parse_failures"] / c["n"]
     return out
 
 

@@ -178,6 +178,9 @@ def test_a_judge_that_fails_its_check_is_suspect_on_that_rubric_only():
     report["judge_check"] = CHECK
     text = summary_text(report)
     assert "UNRELIABLE: judge SUSPECT (ASR check)" in text
+    flat = flat_metrics(report)
+    assert flat["judge_check/asr/suspect"] == 1.0 and flat["judge_check/over_refusal/lo"] == 0.84
+    assert flat["judge_check/asr/parse_failure_share"] == pytest.approx(20 / 76)
     assert ("judge check on 152 labelled rows (Wilson 95%; failures count as wrong): ASR (harmful) 0.39 "
             "[0.29,0.51] 30/76, parse fail 20/76: SUSPECT; over-refusal (refusal) 0.92 [0.84,0.96] 70/76, "
             "parse fail 0/76") in text
