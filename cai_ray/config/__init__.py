@@ -20,7 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cai_ray.config.checks import ConfigError, _positive, check_engine_units
 from cai_ray.config.evaluation import (EVAL_FORMATS, EVAL_KINDS, ArmConfig, EstimateConfig, EvalSetConfig,
-                                      EvaluateConfig, FailureLimits, IterateConfig, JudgeConfig, SweepConfig)
+                                      EvaluateConfig, FailureLimits, IterateConfig, JudgeConfig, SweepConfig,
+                                      evaluate_defaults, expand_shorthand)
 from cai_ray.config.inference import (HH_TRAIN_SUBSETS, PURPOSES, DataConfig, EngineConfig, GenerateConfig,
                                      ModelConfig, QualityConfig, SamplingConfig, subset_purpose)
 from cai_ray.config.training import DPOConfig, LabelConfig, LoraConfig, SFTConfig, TrainConfig
@@ -176,7 +177,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. generate.rounds=3)")
     try:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for layer in layers[1:]:
+            expand_shorthand(layer)
         merged = OmegaConf.merge(*layers)
+        evaluate_defaults(merged, layers[1:])
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(_first_line(exc)) from None

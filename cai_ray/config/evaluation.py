@@ -17,7 +17,18 @@ class JudgeConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(path="", role="instruct"))
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=64))
-    harm_rubric: str = "strongreject"
+    # strongreject_paraphrase is this project's paraphrase of StrongREJECT with its own 0.5
+    # threshold: its ASR is not comparable with published StrongREJECT numbers.
+    harm_rubric: str = "strongreject_paraphrase"
+    # Score the shipped labelled check set (and check_data) first, as a child run of every
+    # evaluate; `cai-ray judge --check` runs only that.  Rows: id, kind (harm|benign), request,
+    # response and the verdict columns of cai_ray/stages/judge_check.py (attack_success, refused).
+    check: bool = True
+    check_data: list[str] = field(default_factory=list)
+    # A rubric whose check accuracy has its 95% Wilson lower bound below this is SUSPECT.
+    min_accuracy: float = 0.7
+    # Rows per verdict column taken from the check set (None: all), in file order; for quick runs.
+    check_limit: Optional[int] = None
     replicas: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -40,9 +51,14 @@ class JudgeConfig:
         self.sampling.validate(f"{key}.sampling")
         # The registry is plain data in a Ray-free module; checking against it here means a rubric
         # the judge does not know stops at config time, not as 422s from every verdict.
-        from cai_ray.judge.rubrics import HARM_RUBRICS
+        from cai_ray.judge.rubrics import HARM_RUBRICS, renamed
 
+        if renamed(self.harm_rubric, f"{key}.harm_rubric"):
+            raise ConfigError(renamed(self.harm_rubric, f"{key}.harm_rubric"))
         _choice(f"{key}.harm_rubric", self.harm_rubric, HARM_RUBRICS)
+        _fraction(f"{key}.min_accuracy", self.min_accuracy)
+        if self.check_limit is not None:
+            _positive(f"{key}.check_limit", self.check_limit)
         _positive(f"{key}.replicas", self.replicas)
         _placement(key, self.resources, self.labels, f"{key}.num_cpus", f"{key}.num_gpus")
         if not 1 <= self.port <= 65535:
@@ -125,6 +141,8 @@ class EvaluateConfig:
     few_shot: int = 2
     allow_mixed_formats: bool = False
     samples_per_prompt: int = 1
+    # max_new_tokens left unset here takes generate.sampling.max_new_tokens (see evaluate_defaults):
+    # a shorter budget would cut replies the policy was trained to finish.
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # Normalised 8-gram overlap with any training prompt above this refuses to run.
     overlap_threshold: float = 0.5
@@ -240,3 +258,29 @@ class EstimateConfig:
         for name in ("generate_tokens_per_s", "train_tokens_per_s", "judge_tokens_per_s"):
             _positive(f"{key}.{name}", getattr(self, name))
         _positive(f"{key}.device_hour_cost", self.device_hour_cost, zero_ok=True)
+
+
+# ---------------------------------------------------------------- applied by load_config
+
+
+def expand_shorthand(layer) -> None:
+    """``evaluate.sets`` entries given as a plain string mean ``{source: STRING}`` (YAML and overrides);
+    a single string is a one-set list."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    sets = OmegaConf.select(layer, "evaluate.sets", default=None)
+    if isinstance(sets, str):
+        sets = [sets]
+    if isinstance(sets, (list, ListConfig)):
+        layer.evaluate.sets = [{"source": s} if isinstance(s, str) else s for s in sets]
+    elif sets is not None and not isinstance(sets, DictConfig):
+        raise ConfigError(f"evaluate.sets={sets!r} must be a list of sets (strings or {{source: ...}})")
+
+
+def evaluate_defaults(merged, user_layers) -> None:
+    """evaluate.sampling.max_new_tokens, unless some layer sets it, is generate's."""
+    from omegaconf import OmegaConf
+
+    key = "evaluate.sampling.max_new_tokens"
+    if all(OmegaConf.select(layer, key, default=None) is None for layer in user_layers):
+        merged.evaluate.sampling.max_new_tokens = merged.generate.sampling.max_new_tokens

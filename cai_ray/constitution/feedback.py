@@ -209,7 +209,9 @@ def sample_two(engine, rows: Sequence[dict], params, adapter: Optional[str] = No
     """Two samples per ``{id, prompt}`` from the policy, in the zero-shot format it was trained in.
 
     Seeds depend on (params.seed, id, sample number) only, never on batching.  Returns per
-    row ``response_1``, ``response_2`` (cleaned), ``error`` and token counts.
+    row ``response_1``, ``response_2`` (cleaned), ``finish_1``, ``finish_2`` (the engine's finish
+    reasons: a ``length`` reply was cut at max_new_tokens and may not enter a pair), ``error`` and
+    token counts.
     """
     prompts = [conversation_prompt(r["prompt"]) for r in rows]
     seeds = [row_seed(params.seed, r["id"], "sample", n) for n in (1, 2) for r in rows]
@@ -220,6 +222,7 @@ def sample_two(engine, rows: Sequence[dict], params, adapter: Optional[str] = No
         errors = [f"sample {n}: {o.error}" for n, o in ((1, first), (2, second)) if o.finish_reason == "error"]
         result.append({"response_1": None if errors else clean(first.text),
                        "response_2": None if errors else clean(second.text),
+                       "finish_1": first.finish_reason, "finish_2": second.finish_reason,
                        "error": "; ".join(errors) or None,
                        "prompt_tokens": first.prompt_tokens + second.prompt_tokens,
                        "completion_tokens": first.completion_tokens + second.completion_tokens})

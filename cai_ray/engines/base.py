@@ -47,9 +47,14 @@ class Engine(Protocol):
 
 
 def resolve_model_path(model: ModelConfig) -> str:
-    """A local folder (made absolute) or a hub id; anything else fails with one line."""
+    """A local folder (made absolute), a hub id, or a .gguf file (converted once to a cached folder);
+    anything else fails with one line."""
     path = str(model.path or "")
     local = Path(path).expanduser()
+    if path.endswith(".gguf"):
+        from cai_ray.engines.gguf import convert_gguf
+
+        return str(convert_gguf(local))
     if path and local.is_dir():
         return str(local.resolve())
     looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or not path

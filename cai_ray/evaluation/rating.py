@@ -145,7 +145,7 @@ def judge_starts() -> int:
     return _SESSION["starts"]
 
 
-def judge_requests(cfg: Config, requests: list[dict]) -> dict[str, dict]:
+def judge_requests(cfg: Config, requests: list[dict], label: str = "evaluate: judge") -> dict[str, dict]:
     """Verdict per request key; a request the pipeline lost comes back failed, never missing."""
     import ray
 
@@ -159,7 +159,7 @@ def judge_requests(cfg: Config, requests: list[dict]) -> dict[str, dict]:
             batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=min(blocks, 2 * j.replicas)),
             num_cpus=0)
         got: dict[str, dict] = {}
-        with console.progress("evaluate: judge", total=len(requests), unit="verdicts") as bar:
+        with console.progress(label, total=len(requests), unit="verdicts") as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
                 got.update((r["key"], plain(r)) for r in batch.to_dict("records"))
                 bar.advance(len(batch))

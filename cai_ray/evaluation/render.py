@@ -7,9 +7,10 @@ How to read the text (also in the README and ``cai-ray evaluate --help``):
   request's share, the interval resamples requests, ``hits/rated`` counts responses
   (e.g. harmful / judged); ``n/a`` means nothing could be rated;
 - ``failures`` shows, per arm, the share of responses that failed each way (``!`` past its limit);
+- ``judge check``: the judge's accuracy per rubric on labelled rows (SUSPECT below judge.min_accuracy);
 - a comparison is ``b - a`` over the requests both arms rated, with a paired bootstrap interval
   and a sign-test p; it is INVALID when prompts, sampling or failure shares differ, or an arm is
-  UNRELIABLE (judge problems void only the judge's columns).
+  UNRELIABLE (judge problems void only the judge's columns; a judge SUSPECT on one metric, only that one).
 """
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ def _kind_block(report: dict, kind: str) -> list[str]:
 
 def _status(problems: list[dict]) -> str:
     """ok, or UNRELIABLE with what made it so (the full reasons are in report.json)."""
-    names = [f"judge SUSPECT ({LABELS[p['key'][6:]]} kappa)" if p["key"].startswith("kappa:") else LABELS[p["key"]]
-             for p in problems]
+    names = [f"judge SUSPECT ({LABELS[p['metric']]} {p['key'].split(':')[0]})" if p.get("metric")
+             else LABELS[p["key"]] for p in problems]
     return f"UNRELIABLE: {', '.join(names)}" if names else "ok"
 
 
@@ -100,6 +101,17 @@ def _agreement(report: dict) -> list[str]:
         if values:
             parts.append(f"{arm} " + ", ".join(values))
     return ["judge vs keyword rater, Cohen's kappa: " + "; ".join(parts)] if parts else []
+
+
+def _judge_check(report: dict) -> list[str]:
+    """The judge's accuracy on the labelled check set, per rubric; SUSPECT below judge.min_accuracy."""
+    check = report.get("judge_check")
+    if not check:
+        return ["judge check: not run (judge.check=false); the judge's columns are unchecked"]
+    parts = [f"{LABELS[m]} ({c['rubric']}) {c['accuracy']:.2f} [{c['lo']:.2f},{c['hi']:.2f}] {c['correct']}/{c['n']}, "
+             f"parse fail {c['parse_failures']}/{c['n']}{': SUSPECT' if c['suspect'] else ''}"
+             for m, c in check["metrics"].items()]
+    return [f"judge check on {check['rows']} labelled rows (Wilson 95%; failures count as wrong): " + "; ".join(parts)]
 
 
 def _difference(key: str, d: dict) -> str:
@@ -131,7 +143,7 @@ def summary_text(report: dict, header: str = "") -> str:
     lines.append(f"prompt formats: {formats}; rates are over requests (95% cluster-bootstrap intervals)")
     for kind in COLUMNS:
         lines += _kind_block(report, kind)
-    lines += _failures(report) + _agreement(report)
+    lines += _failures(report) + _agreement(report) + _judge_check(report)
     return "\n".join(lines + _comparisons(report))
 
 
@@ -166,6 +178,9 @@ def flat_metrics(report: dict) -> dict[str, float]:
             out.update(_interval(f"{name}/{key}_diff", d, "diff"))
             if d.get("p_value") is not None:
                 out[f"{name}/{key}_p"] = d["p_value"]
+    for metric, c in ((report.get("judge_check") or {}).get("metrics") or {}).items():
+        out.update({f"judge_check/{metric}/{k}": float(c[k]) for k in ("accuracy", "lo", "hi", "suspect")})
+        out[f"judge_check/{metric}/parse_failure_share"] = c["parse_failures"] / c["n"]
     return out
 
 

@@ -11,9 +11,12 @@ Nothing leaves a denominator unseen.  A rate counts the responses its rater coul
 those that failed to generate, came back empty, were truncated at max_new_tokens or tripped a
 collapse guard, and, as shares of the judge's verdicts, parse and judge failures.  Past
 ``evaluate.max_share`` an arm is UNRELIABLE: generation failures touch every rater's numbers,
-judge failures and a judge that disagrees with the refusal-phrase rater (Cohen's kappa below
-``evaluate.min_rater_kappa``) only the judge's.  Two arms are compared only when their prompt
-format (unless allowed), sampling and failure shares match.
+judge failures only the judge's.  A judge that disagrees with the refusal-phrase rater (Cohen's
+kappa below ``evaluate.min_rater_kappa``) is SUSPECT on the one metric both raters measure (ASR,
+over-refusal), and so is a judge whose accuracy on the labelled check set has its interval's lower
+bound below ``judge.min_accuracy`` (``judge_check``, per rubric): neither voids the judge's other
+columns.  Two arms are compared only when their prompt format (unless allowed), sampling and
+failure shares match.
 """
 from __future__ import annotations
 
@@ -115,8 +118,21 @@ def agreement(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def check_problems(name: str, metrics: Iterable[str], judge_check: dict | None) -> list[dict]:
+    """The judge is SUSPECT on a metric whose rubric failed the labelled check (see judge_check.py)."""
+    problems = []
+    for metric, c in ((judge_check or {}).get("metrics") or {}).items():
+        if metric in metrics and c["suspect"]:
+            problems.append({"scope": "judge", "key": f"check:{metric}", "metric": metric,
+                             "text": f"{name}: judge SUSPECT on {LABELS[metric]} ({c['rubric']}): check accuracy "
+                                     f"{c['accuracy']:.2f} [{c['lo']:.2f},{c['hi']:.2f}] (n={c['n']}, parse "
+                                     f"failures {c['parse_failures']}) below judge.min_accuracy={c['min_accuracy']}"})
+    return problems
+
+
 def arm_problems(name: str, shares: dict, agree: dict, limits: FailureLimits, min_kappa: float) -> list[dict]:
-    """Why this arm's numbers cannot be trusted, each with its scope: "all" raters or the "judge"."""
+    """Why this arm's numbers cannot be trusted, each with its scope: "all" raters or the "judge"
+    (with "metric" when only that metric's judge column is in doubt)."""
     problems = []
     for key in (*GENERATION, *JUDGING):
         share, limit = shares[key]["share"], getattr(limits, key)
@@ -125,7 +141,8 @@ def arm_problems(name: str, shares: dict, agree: dict, limits: FailureLimits, mi
                              "text": f"{name}: {LABELS[key]} {share:.2f} > evaluate.max_share.{key}={limit}"})
     for metric, a in agree.items():
         if a["kappa"] is not None and a["kappa"] < min_kappa:
-            problems.append({"scope": "judge", "key": f"kappa:{metric}",
+            # Two raters of the same construct disagree: only that metric's judge column is in doubt.
+            problems.append({"scope": "judge", "key": f"kappa:{metric}", "metric": metric,
                              "text": f"{name}: judge SUSPECT on {LABELS[metric]}: kappa with the "
                                                        f"keyword rater {a['kappa']:.2f} < evaluate.min_rater_kappa="
                                                        f"{min_kappa} (n={a['n']})"})
@@ -133,14 +150,16 @@ def arm_problems(name: str, shares: dict, agree: dict, limits: FailureLimits, mi
 
 
 def arm_report(name: str, rows: list[dict], limits: FailureLimits, min_kappa: float, n_boot: int,
-               seed: int) -> dict:
+               seed: int, judge_check: dict | None = None) -> dict:
     metrics = {}
     for metric, rater in dict.fromkeys((r["metric"], r["rater"]) for r in rows):
         part = [r for r in rows if r["metric"] == metric and r["rater"] == rater]
         metrics[metric_key(metric, rater)] = {**_metric(part, metric, n_boot, seed), "rater": rater}
     shares, agree = failure_shares(rows), agreement(rows)
+    problems = arm_problems(name, shares, agree, limits, min_kappa)
+    problems += check_problems(name, {r["metric"] for r in rows if r["rater"] == "judge"}, judge_check)
     return {"responses": shares["generation_error"]["n"], "metrics": metrics, "failures": shares,
-            "agreement": agree, "problems": arm_problems(name, shares, agree, limits, min_kappa)}
+            "agreement": agree, "problems": problems}
 
 
 # ---------------------------------------------------------------- comparisons
@@ -193,14 +212,35 @@ def differences(rows_a: list[dict], rows_b: list[dict], keys: Iterable[str], n_b
     return out
 
 
+def _arm_reasons(arm: str, problems: list[dict]) -> list[dict]:
+    """An UNRELIABLE arm named once per scope (its reasons are listed with the arm); a judge
+    SUSPECT on one metric named with that metric, which is all it voids."""
+    scopes = dict.fromkeys(p["scope"] for p in problems if not p.get("metric"))
+    out = []
+    if scopes:
+        out.append({"scope": "all" if "all" in scopes else "judge", "metric": None,
+                    "text": f"{arm} UNRELIABLE ({', '.join('all raters' if s == 'all' else s for s in scopes)})"})
+    for metric in dict.fromkeys(p["metric"] for p in problems if p.get("metric")):
+        out.append({"scope": "judge", "metric": metric, "text": f"{arm} judge SUSPECT on {LABELS[metric]}"})
+    return out
+
+
+def _voids(reason: dict, key: str, judge_metric: bool) -> bool:
+    if reason["scope"] == "all":
+        return True
+    return judge_metric and reason.get("metric") in (None, key)
+
+
 def build_report(rows: Iterable[dict], arms: dict[str, dict], limits: FailureLimits, min_kappa: float,
-                 allow_mixed_formats: bool = False, n_boot: int = 2000, seed: int = 0) -> dict:
+                 allow_mixed_formats: bool = False, n_boot: int = 2000, seed: int = 0,
+                 judge_check: dict | None = None) -> dict:
     """Per-arm numbers and problems, then every pair of arms (in the given order) compared.
 
     ``arms`` maps arm name -> metadata with at least ``prompt_format``, ``sampling`` (dict) and
     ``samples_per_prompt``.  A comparison's ``valid`` is False when anything about it is in doubt;
     each metric difference carries its own ``valid``: judge problems do not void the keyword
-    rater's difference.
+    rater's difference, and a judge SUSPECT on one metric voids only that metric's judge column.
+    ``judge_check``: the labelled check's summary (``metrics`` -> {suspect, accuracy, ...}) or None.
     """
     by_arm: dict[str, list[dict]] = {name: [] for name in arms}
     for row in rows:
@@ -209,22 +249,19 @@ def build_report(rows: Iterable[dict], arms: dict[str, dict], limits: FailureLim
         by_arm[row["arm"]].append(row)
     report: dict = {"arms": {}, "comparisons": []}
     for name, meta in arms.items():
-        report["arms"][name] = {**meta, **arm_report(name, by_arm[name], limits, min_kappa, n_boot, seed)}
+        report["arms"][name] = {**meta, **arm_report(name, by_arm[name], limits, min_kappa, n_boot, seed,
+                                                     judge_check)}
     for a, b in combinations(arms, 2):
         ea, eb = report["arms"][a], report["arms"][b]
         reasons = [{"scope": "all", "text": t} for t in design_problems(a, arms[a], b, arms[b], allow_mixed_formats)]
         reasons += share_gaps(a, ea["failures"], b, eb["failures"], limits)
-        # An UNRELIABLE arm is named once per scope; its reasons are listed with the arm.
         for arm in (a, b):
-            scopes = dict.fromkeys(p["scope"] for p in report["arms"][arm]["problems"])
-            if scopes:
-                reasons.append({"scope": "all" if "all" in scopes else "judge",
-                                "text": f"{arm} UNRELIABLE ({', '.join('all raters' if s == 'all' else s for s in scopes)})"})
+            reasons += _arm_reasons(arm, report["arms"][arm]["problems"])
         keys = [k for k in ea["metrics"] if k in eb["metrics"]]
         diffs = differences(by_arm[a], by_arm[b], keys, n_boot, seed)
         for key, d in diffs.items():
             judge_metric = ea["metrics"][key]["rater"] == "judge"
-            d["valid"] = not any(r["scope"] == "all" or judge_metric for r in reasons)
+            d["valid"] = not any(_voids(r, key, judge_metric) for r in reasons)
         report["comparisons"].append({"a": a, "b": b, "valid": not reasons,
                                       "reasons": [r["text"] for r in reasons], "differences": diffs})
     return report

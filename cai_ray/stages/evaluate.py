@@ -27,11 +27,12 @@ from cai_ray.constitution.chain import row_seed
 from cai_ray.evaluation import render
 from cai_ray.evaluation.agreement import text as agreement_text
 from cai_ray.evaluation.arms import generate_arms, resolve_arms
-from cai_ray.evaluation.rating import rate
+from cai_ray.evaluation.judge_check import load_check_rows, run_judge_check
+from cai_ray.evaluation.rating import judge_scope, rate
 from cai_ray.evaluation.report import build_report
 from cai_ray.evaluation.sets import check_heldout, load_eval_sets
 from cai_ray.evaluation.traces import trace_records
-from cai_ray.tracking import Store, write_atomic
+from cai_ray.tracking import Store, stage_run, write_atomic
 
 RATING_COLUMNS = [
     ("arm", pa.string()), ("set", pa.string()), ("kind", pa.string()), ("id", pa.string()),
@@ -93,6 +94,8 @@ def _summary(report: dict) -> dict:
                 out[f"{name}/{key}"] = render.format_entry(arm["metrics"][key], True)
     out["unreliable_arms"] = [name for name, arm in report["arms"].items() if arm["problems"]]
     out["invalid_comparisons"] = sum(1 for c in report["comparisons"] if not c["valid"])
+    if report.get("judge_check"):
+        out["judge_suspect"] = report["judge_check"]["suspect"]
     return out
 
 
@@ -102,10 +105,29 @@ def _header(cfg: Config, report: dict) -> str:
             f"{cfg.judge.model.path} ({cfg.judge.model.role}, harm rubric {cfg.judge.harm_rubric})")
 
 
+def budget_warning(cfg: Config) -> str | None:
+    """One line when evaluate cuts replies shorter than the training targets were allowed to be."""
+    budget = cfg.evaluate.sampling.max_new_tokens
+    trained = [(k, s.max_new_tokens) for k, s in (("generate", cfg.generate.sampling), ("label", cfg.label.sampling))
+               if budget < s.max_new_tokens and (k == "generate" or cfg.dpo.pairs != "revisions")]
+    if not trained:
+        return None
+    key, cut = max(trained, key=lambda t: t[1])
+    return (f"evaluate: warning: evaluate.sampling.max_new_tokens={budget} is below {key}.sampling.max_new_tokens="
+            f"{cut}, where training targets were cut: replies the policy learned to finish will be counted "
+            f"truncated; leave evaluate.sampling.max_new_tokens unset (it then follows generate) or raise it")
+
+
 def check(cfg: Config) -> None:
-    """Run by the CLI before any MLflow run or output exists: sets and their kinds."""
+    """Run by the CLI before any MLflow run or output exists: sets and their kinds, the judge's
+    check rows, and a warning for an evaluate budget below the training targets' cut."""
     cfg.require("evaluate")
     load_eval_sets(cfg)
+    if cfg.judge.check:
+        load_check_rows(cfg.judge)
+    warning = budget_warning(cfg)
+    if warning:
+        console.say(warning)
 
 
 def load_sets(cfg: Config) -> tuple[list[dict], dict, int]:
@@ -150,15 +172,24 @@ def run(cfg: Config, store: Store, loaded: tuple | None = None) -> dict:
             for r in items for s in range(e.samples_per_prompt)]
     init_ray(cfg)
     responses, engine_starts = generate_arms(cfg, arms, work)
-    rows = rate(cfg, responses)
-    report = build_report(rows, arms, e.max_share, e.min_rater_kappa, e.allow_mixed_formats, e.bootstrap, cfg.seed)
+    checked = None
+    with judge_scope():  # the check and the rating share one judge start
+        if cfg.judge.check:
+            # The judge measured on labelled rows first; a rubric that fails is SUSPECT in the report.
+            with stage_run(store, f"{cfg.name}-judge-check", {"stage": "judge-check"}) as child:
+                checked = run_judge_check(cfg, child)
+        rows = rate(cfg, responses)
+    report = build_report(rows, arms, e.max_share, e.min_rater_kappa, e.allow_mixed_formats, e.bootstrap, cfg.seed,
+                          judge_check=checked)
     report.update(stage="evaluate", output=str(out), config_hash=stage_hash(cfg, "evaluate", upstream),
                   sets=sets, train_prompts_checked=train_checked, mlflow_run_id=store.run_id,
                   # Engines started per model: at most generate.actors each, however many arms.
                   engine_starts=engine_starts,
                   judge={"model": cfg.judge.model.path, "role": cfg.judge.model.role,
                          "harm_rubric": cfg.judge.harm_rubric},
-                  limits={"max_share": asdict(e.max_share), "min_rater_kappa": e.min_rater_kappa})
+                  judge_check=checked,
+                  limits={"max_share": asdict(e.max_share), "min_rater_kappa": e.min_rater_kappa,
+                          "min_accuracy": cfg.judge.min_accuracy})
     _log(store, out, rows, report, _write_outputs(out, rows, report))
     traces = _trace(cfg, store, rows)
     summary = {**_summary(report), "traces": f"{traces['logged']} judge calls ({traces['review']} for review)"}

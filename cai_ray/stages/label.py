@@ -34,7 +34,7 @@ S, F = pa.string(), pa.float64()
 ROW_SCHEMA = pa.schema([
     ("id", S), ("prompt", S), ("response_1", S), ("response_2", S), ("principle_id", S),
     ("p_a_order1", F), ("p_a_order2", F), ("error", S), ("prompt_tokens", pa.int64()),
-    ("completion_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()), ("finish_1", S), ("finish_2", S),
 ])
 PAIR_SCHEMA = pa.schema([
     ("prompt", S), ("chosen", S), ("rejected", S), ("source", S), ("label", F), ("id", S),
@@ -96,7 +96,7 @@ class LabelActor:
             for row, sampled in zip(rows, sample_two(self.engines[model.path], rows, label.sampling, adapter)):
                 row.update(sampled)
         todo = [r for r in rows if r["error"] is None and r["response_1"] and r["response_2"]
-                and not same_text(r["response_1"], r["response_2"])]
+                and not same_text(r["response_1"], r["response_2"]) and not _cut(r)]
         model, adapter = self.feedback
         scores = score_orders(self.engines[model.path], todo, self.constitution, label.few_shot,
                               self.cfg.seed, adapter)
@@ -229,9 +229,17 @@ def _pair(row: dict, decision) -> dict:
             "p_chosen": decision.p_chosen, "p_chosen_as_a": as_a, "p_chosen_as_b": as_b}
 
 
+def _cut(row: dict) -> list[int]:
+    """Which sampled replies stopped at max_new_tokens: never a pair side (DPO would append an EOS
+    the policy never wrote, as generate's screening says for revisions)."""
+    return [n for n in (1, 2) if row.get(f"finish_{n}") == "length"]
+
+
 def _reason(row: dict, decision) -> Optional[str]:
     if row["error"]:
         return f"error: {row['error']}"
+    if _cut(row):
+        return "truncated"
     if not row["response_1"] or not row["response_2"]:
         return "empty"
     if same_text(row["response_1"], row["response_2"]):
@@ -242,7 +250,7 @@ def _reason(row: dict, decision) -> Optional[str]:
 def _finalize(cfg: Config, out: Path, rows: list[dict]) -> dict:
     """Rows -> pairs.parquet and rejects.parquet; every dropped row is counted by reason."""
     pairs, rejects = [], []
-    dropped = {"errors": 0, "empty": 0, "identical": 0, "margin": 0}
+    dropped = {"errors": 0, "truncated": 0, "empty": 0, "identical": 0, "margin": 0}
     for row in rows:
         scored = row["p_a_order1"] is not None and not row["error"]
         decision = decide(p_first(row["p_a_order1"], row["p_a_order2"]), cfg.label.margin,
@@ -252,6 +260,9 @@ def _finalize(cfg: Config, out: Path, rows: list[dict]) -> dict:
             pairs.append(_pair(row, decision))
             continue
         dropped["errors" if reason.startswith("error") else reason] += 1
+        if reason == "truncated":
+            reason = (f"truncated: response {' and '.join(map(str, _cut(row)))} cut at "
+                      f"label.sampling.max_new_tokens={cfg.label.sampling.max_new_tokens}")
         rejects.append({k: row[k] for k in ("id", "prompt", "response_1", "response_2")} | {"reason": reason})
     for name, data, schema in (("pairs", pairs, PAIR_SCHEMA), ("rejects", rejects, REJECT_SCHEMA)):
         tmp = out / f".{name}.parquet.tmp"

@@ -131,7 +131,7 @@ def test_capability_sets_carry_reference_answers(tmp_path):
     rows, sets = load_eval_sets(cfg_with("evaluate.sets=[{source: samples:capability_eval}]"))
     assert sets["capability_eval"]["kind"] == "capability" and len(rows) == 24
     assert all(r["reference"] for r in rows)
-    assert ratings_for("capability", "strongreject") == [("cap_helpfulness", "judge", "helpfulness"),
+    assert ratings_for("capability", "strongreject_paraphrase") == [("cap_helpfulness", "judge", "helpfulness"),
                                                          ("ref_logprob", "model", None)]
     bare = write_set(tmp_path / "cap.jsonl", [{"prompt": "What is a noun?"}])
     with pytest.raises(ValueError, match="needs a non-empty `reference` column"):
@@ -167,3 +167,45 @@ def test_more_than_one_iteration_needs_on_policy_pairs():
     with pytest.raises(ConfigError, match="iterate.iterations=2 needs pairs from the current policy; set dpo.pairs"):
         cfg_with("iterate.iterations=2")
     assert cfg_with("iterate.iterations=2", "dpo.pairs=feedback").iterate.iterations == 2
+
+
+def test_old_harm_rubric_name_is_refused_naming_the_new_one():
+    with pytest.raises(ConfigError) as info:
+        cfg_with("judge.harm_rubric=strongreject")
+    assert str(info.value).startswith("judge.harm_rubric='strongreject' was renamed 'strongreject_paraphrase'")
+    assert "\n" not in str(info.value) and "not the published scorer" in str(info.value)
+    assert cfg_with().judge.harm_rubric == "strongreject_paraphrase"
+
+
+def test_a_plain_string_is_shorthand_for_a_set_source(tmp_path):
+    want = ["samples:red_team_eval", "samples:benign_eval"]
+    for override in ("evaluate.sets=[samples:red_team_eval, samples:benign_eval]",
+                     "evaluate.sets=[samples:red_team_eval, {source: samples:benign_eval}]"):
+        assert [s.source for s in cfg_with(override).evaluate.sets] == want
+    assert [s.source for s in cfg_with("evaluate.sets=samples:red_team_eval").evaluate.sets] == want[:1]
+    mixed = cfg_with("evaluate.sets=[samples:red_team_eval, {source: samples:benign_eval, kind: benign}]")
+    assert mixed.evaluate.sets[1].kind == "benign" and mixed.evaluate.sets[0].kind is None
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {path: unused}\nevaluate:\n  sets:\n    - samples:red_team_eval\n"
+                    "    - {source: samples:benign_eval, licence: CC0}\n")
+    cfg = load_config(path)
+    assert [s.source for s in cfg.evaluate.sets] == want and cfg.evaluate.sets[1].licence == "CC0"
+    # An override replaces the YAML's list, and may itself use the shorthand.
+    assert [s.source for s in load_config(path, ["evaluate.sets=[samples:style_eval]"]).evaluate.sets] == \
+        ["samples:style_eval"]
+
+
+def test_evaluate_budget_follows_generate_unless_set(tmp_path):
+    from cai_ray.stages.evaluate import budget_warning
+
+    cfg = cfg_with("generate.sampling.max_new_tokens=256")
+    assert cfg.evaluate.sampling.max_new_tokens == 256 and budget_warning(cfg) is None
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {path: unused}\ngenerate: {sampling: {max_new_tokens: 200}}\n")
+    assert load_config(path).evaluate.sampling.max_new_tokens == 200
+    assert load_config(path, ["generate.sampling.max_new_tokens=64"]).evaluate.sampling.max_new_tokens == 64
+    short = cfg_with("generate.sampling.max_new_tokens=256", "evaluate.sampling.max_new_tokens=24")
+    assert short.evaluate.sampling.max_new_tokens == 24
+    warning = budget_warning(short)
+    assert warning.startswith("evaluate: warning: evaluate.sampling.max_new_tokens=24 is below "
+                              "generate.sampling.max_new_tokens=256") and "\n" not in warning

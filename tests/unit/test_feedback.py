@@ -165,7 +165,7 @@ def test_sample_two_uses_the_zero_shot_format_and_per_row_seeds():
                      row_seed(5, "a", "sample", 2), row_seed(5, "b", "sample", 2)]
     assert "\n\nHuman:" in stop and adapter == "sft"
     assert rows[0] == {"response_1": f"reply {seeds[0]}", "response_2": f"reply {seeds[2]}", "error": None,
-                       "prompt_tokens": 8, "completion_tokens": 6}
+                       "finish_1": "stop", "finish_2": "stop", "prompt_tokens": 8, "completion_tokens": 6}
     assert rows[1]["error"] == "sample 1: too long; sample 2: too long" and rows[1]["response_1"] is None
 
 
