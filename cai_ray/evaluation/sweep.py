@@ -243,3 +243,20 @@ def summarize(rows: list[dict], report: dict, sft_arms: list[str], points: list[
     analysis["selection"] = ("the sweep chooses nothing: every size is reported (Holm across sizes) on all "
                              "requests; evaluate.selection_share applies to iterate's stop rule")
     return analysis
+
+
+def stage_cost(wall_s: float, devices: float, device_hour_cost: float) -> dict:
+    """Measured wall seconds, device seconds held, and their price at estimate.device_hour_cost (the
+    price of one device-hour: a GPU, or a CPU actor/worker when running on CPU, as in the estimate)."""
+    return {"wall_s": wall_s, "device_s": wall_s * devices, "price": wall_s * devices / 3600 * device_hour_cost}
+
+
+def train_devices(cfg) -> float:
+    """Devices a training run holds: one per Ray Train worker (its GPU, or the worker on CPU)."""
+    return float(cfg.train.workers)
+
+
+def evaluate_devices(cfg) -> float:
+    """Devices an evaluate holds: the generation actors' and the judge replicas' GPUs (or units on CPU)."""
+    g, j = cfg.generate, cfg.judge
+    return g.actors * (g.num_gpus_per_actor or 1) + j.replicas * (j.num_gpus or 1)

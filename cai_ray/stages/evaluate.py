@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -121,6 +122,7 @@ def run(cfg: Config, store: Store, loaded: tuple | None = None) -> dict:
         report = json.loads((out / "report.json").read_text())
         print(render.summary_text(report, _header(cfg, report) + f" (finished earlier: {out})"))
         return _summary(report)
+    started = time.monotonic()  # the evaluate's measured wall time, for the sweep's cost per point
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", to_yaml(cfg))
     e = cfg.evaluate
@@ -134,7 +136,8 @@ def run(cfg: Config, store: Store, loaded: tuple | None = None) -> dict:
                   sets=sets, train_prompts_checked=train_checked, mlflow_run_id=store.run_id,
                   judge={"model": cfg.judge.model.path, "role": cfg.judge.model.role,
                          "harm_rubric": cfg.judge.harm_rubric},
-                  limits={"max_share": asdict(e.max_share), "min_rater_kappa": e.min_rater_kappa})
+                  limits={"max_share": asdict(e.max_share), "min_rater_kappa": e.min_rater_kappa},
+                  wall_seconds=round(time.monotonic() - started, 1))
     _log(store, out, rows, report, _write_outputs(out, rows, report))
     summary = _summary(report)
     write_atomic(out / "manifest.json", json.dumps({**summary, "rows": len(rows)}, indent=2) + "\n")

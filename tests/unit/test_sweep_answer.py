@@ -147,3 +147,17 @@ def test_iterations_stop_when_harm_gets_worse_beyond_its_interval_or_stops_impro
     assert stop_rule(it, diff(-0.3, -0.4, -0.2), {"over_refusal": {"rate": 0.4}}) == \
         "over_refusal 0.400 > iterate.max_over_refusal=0.3"
     assert "undefined" in stop_rule(it, diff(None, None, None), ok)
+
+
+def test_the_sweep_plot_draws_levels_and_differences_with_the_detectable_line():
+    design = {"sft-s0": (40, {}), "n10-s0": (40, {}), "n100-s0": (20, {})}
+    out = run(design, SweepConfig(seeds=[0]))
+    from cai_ray.evaluation.sweep_plot import sweep_figure
+
+    fig = sweep_figure(out, SweepConfig(seeds=[0]))
+    right = fig.axes[1]  # asr: difference from SFT-only
+    assert right.get_title() == "ASR (judge): difference from SFT-only"
+    assert sorted(line.get_ydata()[0] for line in right.get_lines() if len(line.get_ydata()) == 2
+                  and line.get_ydata()[0] == line.get_ydata()[1])[:2] == pytest.approx(
+        [-out["power"]["mde"], 0.0])
+    assert len(fig.axes) == 2 * len(out["baseline"]["levels"])
