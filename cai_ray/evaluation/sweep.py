@@ -180,7 +180,8 @@ def answer(analysis: dict, sw: SweepConfig, mde: float | None) -> dict:
     # An interval of zero width (every request unchanged) is no evidence on its own: a design whose
     # detectable difference is above the target cannot say "no effect" either.
     blind = not half or min(half) > sw.target_effect or (mde is not None and mde > sw.target_effect)
-    underpowered = not beating and not fell and blind
+    every_invalid = all(r["status"] == "INVALID" for r in table)
+    underpowered = not beating and not fell and blind and not every_invalid
     if beating:
         row = beating[0]
         harm = ", ".join(f"{k} {_cell(row['metrics'][k])} Holm p={row['metrics'][k]['p_holm']:.3f}"
@@ -196,7 +197,10 @@ def answer(analysis: dict, sw: SweepConfig, mde: float | None) -> dict:
         mark = " INVALID" if row["status"] == "INVALID" else ""
         p = f", Holm p={d['p_holm']:.3f}" if d.get("p_holm") is not None else ""
         largest = f"largest {row['pairs']:,} pairs{mark}: {first} {_cell(d)}{p}"
-        if underpowered:
+        if every_invalid:
+            reasons = row["metrics"].get(first, {}).get("reasons") or ["see the evaluate report"]
+            line = f"INVALID: no size could be compared with SFT-only ({largest}; {reasons[0]}); {detect}"
+        elif underpowered:
             line = (f"UNDERPOWERED: no size tried beats SFT-only, and these sets cannot tell a fall of "
                     f"sweep.target_effect={sw.target_effect} in {first} from none ({largest}); {detect}")
         else:
