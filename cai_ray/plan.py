@@ -334,6 +334,9 @@ def plan_main(argv: list[str]) -> int:
         problem = check(req, nodes)
         print(render(req, nodes, problem))
         problems += [problem] if problem else []
+    from cai_ray.evaluation.sweep import planned_power  # the sweep's power, before any GPU-hour
+
+    print(planned_power(cfg))
     if problems:
         raise ValueError(problems[0])
     return 0

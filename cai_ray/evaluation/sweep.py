@@ -264,3 +264,31 @@ def evaluate_devices(cfg) -> float:
     """Devices an evaluate holds: the generation actors' and the judge replicas' GPUs (or units on CPU)."""
     g, j = cfg.generate, cfg.judge
     return g.actors * (g.num_gpus_per_actor or 1) + j.replicas * (j.num_gpus or 1)
+
+
+def planned_power(cfg) -> str:
+    """The plan's line: the smallest ASR difference the configured harm sets, samples per prompt and
+    seeds could detect, before any GPU-hour is spent (assumed base rate and ICC from sweep.*)."""
+    from cai_ray.evaluation.sets import load_eval_sets
+
+    sw = cfg.sweep
+    rows, _ = load_eval_sets(cfg)
+    per_request: dict[str, int] = defaultdict(int)
+    for r in rows:
+        if r["kind"] == "harm":
+            per_request[r["request_id"]] += cfg.evaluate.samples_per_prompt
+    if not per_request:
+        return "power: no harm set in evaluate.sets, so no ASR difference can be detected"
+    n, m = len(per_request), sum(per_request.values()) / len(per_request)
+    icc = 1.0 if sw.icc is None else sw.icc
+
+    def mde(alpha: float) -> float:
+        return min_detectable_difference(sw.base_rate, n, m, icc, len(sw.sft_seeds), len(sw.seeds), alpha, sw.power)
+
+    verdict = "resolves" if mde(sw.alpha) <= sw.target_effect else "cannot resolve"
+    return (f"power: smallest ASR difference detectable at {sw.power:.0%} power, alpha={sw.alpha}: {mde(sw.alpha):.3f} "
+            f"({mde(sw.alpha / len(sw.sizes)):.3f} at Holm's strictest step, alpha/{len(sw.sizes)}); {n} harm requests, "
+            f"{m:.1f} responses each (evaluate.samples_per_prompt={cfg.evaluate.samples_per_prompt}), "
+            f"{len(sw.sft_seeds)} SFT and {len(sw.seeds)} DPO seed(s), base rate sweep.base_rate={sw.base_rate}, "
+            f"ICC {'sweep.icc=' + str(sw.icc) if sw.icc is not None else '1 assumed (sweep.icc unset)'}; "
+            f"training-seed variance not included; {verdict} sweep.target_effect={sw.target_effect}")

@@ -161,3 +161,14 @@ def test_the_sweep_plot_draws_levels_and_differences_with_the_detectable_line():
                   and line.get_ydata()[0] == line.get_ydata()[1])[:2] == pytest.approx(
         [-out["power"]["mde"], 0.0])
     assert len(fig.axes) == 2 * len(out["baseline"]["levels"])
+
+
+def test_plan_prints_the_minimum_detectable_difference(capsys):
+    from cai_ray.plan import plan_main
+
+    assert plan_main(["configs/llama-3.2-3b.yaml", "--cluster", "cluster.yaml"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("power:")]
+    # 1,178 harm requests, ICC 1 (a request's 4.7 responses count once), 1 SFT and 3 DPO seeds, p = 0.88:
+    # 2.8016 sqrt(0.88 x 0.12 / 1178 x (1 + 1/3)) = 0.0306
+    assert line and line[0].startswith("power: smallest ASR difference detectable at 80% power, alpha=0.05: 0.031 ")
+    assert "1178 harm requests" in line[0] and "resolves sweep.target_effect=0.05" in line[0]
