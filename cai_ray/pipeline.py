@@ -5,6 +5,9 @@ is the one place that chains them.  Stages never import each other.  Every
 stage returns its saved manifest when its output for the config already
 exists, so rerunning an interrupted pipeline or sweep skips finished work and
 resumes the first unfinished stage.
+
+Orchestration only: the sweep's analysis, answer and plot live in cai_ray/evaluation/sweep.py and
+sweep_plot.py, the iteration stop rule and its selection split in cai_ray/evaluation/iterate.py.
 """
 
 from __future__ import annotations

@@ -45,10 +45,10 @@ def test_two_iterations_then_an_early_stop_with_curves_in_mlflow(tmp_path, tiny_
                            "iterate.min_improvement=-1"], capture_output=True, text=True, cwd=ROOT, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "iterations_run: 2" in done.stdout and "stop_reason: all iterations ran" in done.stdout
-    # Harm requests 0 and 1 fall in the selection split (evaluate.selection_share=0.5, by request id), 2 in
-    # the report split: the rule chose on 2 requests, the curve shows the other 1.
+    # By request id (evaluate.selection_share=0.5) harm requests 0, 1 and capability requests 1, 2 fall in the
+    # selection split: the rule chose on those 4 requests, the curve shows the other 2.
     assert "best_policy: it2" in done.stdout
-    assert "the rule read 2 selection requests, the iteration curve the other 1" in done.stdout
+    assert "the rule read 4 selection requests, the iteration curve the other 2" in done.stdout
 
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("iterate-test")
