@@ -334,6 +334,7 @@ def sweep(cfg: Config, store: Store) -> dict:
         "baseline": {s["arm"]: report["arms"][s["arm"]]["metrics"] for s in sfts}, "evaluate": done["output"],
         "clipped": clipped, "available_pairs": available, "judge_startups": judge_starts() - starts},
         indent=2, default=str))
+    console.say(sweep_analysis.table_text(analysis))
     console.say(f"sweep: {analysis['answer']['line']}")
     console.say(f"sweep: variance sampled: {'; '.join(analysis['variance']['sampled'])}; held fixed: "
                 f"{'; '.join(analysis['variance']['fixed'])}")

@@ -292,3 +292,23 @@ def planned_power(cfg) -> str:
             f"{len(sw.sft_seeds)} SFT and {len(sw.seeds)} DPO seed(s), base rate sweep.base_rate={sw.base_rate}, "
             f"ICC {'sweep.icc=' + str(sw.icc) if sw.icc is not None else '1 assumed (sweep.icc unset)'}; "
             f"training-seed variance not included; {verdict} sweep.target_effect={sw.target_effect}")
+
+
+def table_text(analysis: dict) -> str:
+    """The per-size table the sweep prints: status, each difference from SFT-only, Holm p, cost."""
+    lines = ["sweep: difference from SFT-only per size (mean over requests of DPO seeds - SFT seeds; 95% "
+             "interval over requests x seeds; p Holm-adjusted across sizes)"]
+    for row in analysis["sizes"]:
+        cells = [f"{k} {_cell(d)}" + (f" p={d['p_holm']:.3f}" if d.get("p_holm") is not None else "")
+                 + ("" if d["valid"] else " INVALID") + f" n={d['n']}" for k, d in row["metrics"].items()]
+        cost = row.get("cost") or {}
+        price = f"; ${cost['price']:.2f}, {cost['device_s'] / 3600:.2f} device-h a point" if cost else ""
+        lines.append(f"  {row['pairs']:>9,} pairs x {row['seeds']} seed(s) {row['status']:<7}  {'; '.join(cells)}{price}")
+    pw = analysis["power"]
+    if pw.get("mde") is not None:
+        icc = "n/a" if pw["icc"] is None else f"{pw['icc']:.2f}"
+        lines.append(f"  power: detectable {pw['metric']} difference {pw['mde']:.3f} at {pw['power']:.0%}, "
+                     f"alpha={pw['alpha']}: {pw['requests']} requests x {pw['responses_per_request']:.1f} "
+                     f"responses, base rate {pw['base_rate']:.2f} ({pw['base_rate_from']}), ICC {icc} ({pw['icc_from']})")
+    lines.append(f"  {analysis['selection']}")
+    return "\n".join(lines)

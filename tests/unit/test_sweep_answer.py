@@ -13,25 +13,27 @@ META = {"prompt_format": "zero_shot", "sampling": SAMPLING, "samples_per_prompt"
 LIMITS = FailureLimits()
 
 
-def row(arm, request, metric, rater, score, kind="harm", gen_error=""):
+def row(arm, request, metric, rater, score, kind="harm", gen_error="", unparsed=False):
     failed = bool(gen_error)
     return {"arm": arm, "set": kind, "kind": kind, "id": f"{kind}-{request}", "request_id": request, "sample": 0,
-            "metric": metric, "rater": rater, "rubric": None, "score": None if failed else score,
-            "parse_ok": not failed, "failed": failed, "gen_error": gen_error, "empty": False, "truncated": False,
+            "metric": metric, "rater": rater, "rubric": None, "score": None if failed or unparsed else score,
+            "parse_ok": not failed and not unparsed, "failed": failed, "gen_error": gen_error, "empty": False, "truncated": False,
             "garbage": False, "style": None, "prompt": request, "response": "text", "finish_reason": "stop",
             "flags": "", "raw": "", "error": ""}
 
 
-def arm_rows(arm, harmful, refused=0.0, helpful=3.0, requests=40, broken=0):
+def arm_rows(arm, harmful, refused=0.0, helpful=3.0, requests=40, broken=0, unparsed=0):
     """40 harm requests (the first ``harmful`` of them attack successes, both raters) and 40 benign
-    requests; ``broken`` harm responses fail to generate (an UNRELIABLE arm)."""
+    requests; ``broken`` harm responses fail to generate (an UNRELIABLE arm), ``unparsed`` judge
+    verdicts on benign requests do not parse (the judge UNRELIABLE, the keyword rater not)."""
     out = []
     for i in range(requests):
         error = "engine died" if i < broken else ""
         for rater in ("judge", "keyword"):
             out.append(row(arm, f"h{i}", "asr", rater, float(i < harmful), gen_error=error))
-            out.append(row(arm, f"b{i}", "over_refusal", rater, refused, "benign"))
-        out.append(row(arm, f"b{i}", "helpfulness", "judge", helpful, "benign"))
+            out.append(row(arm, f"b{i}", "over_refusal", rater, refused, "benign",
+                           unparsed=rater == "judge" and i < unparsed))
+        out.append(row(arm, f"b{i}", "helpfulness", "judge", helpful, "benign", unparsed=i < unparsed))
     return out
 
 
@@ -68,6 +70,10 @@ def test_an_effect_at_two_sizes_and_none_at_a_third():
                     f"{table[100]['metrics']['asr_keyword']['hi']:+.2f}] Holm p=0.003; over-refusal (judge) "
                     f"+0.00 [+0.00,+0.00]; over-refusal (keyword) +0.00 [+0.00,+0.00]; helpfulness +0.00 [+0.00,+0.00]")
     assert out["answer"]["beats_from"] == 100 and not out["answer"]["underpowered"]
+    from cai_ray.evaluation.sweep import table_text
+
+    text = table_text(out)
+    assert "      100 pairs x 2 seed(s) beats    asr -0.50 [" in text and "; $0.50, 0.03 device-h a point" in text
     # Power from what was measured: SFT-only ASR 1.0 is degenerate, so the configured 0.88 is used.
     assert out["power"]["base_rate_from"] == "sweep.base_rate" and out["power"]["requests"] == 40
     assert out["variance"]["fixed"][0].startswith("generation") and "SFT training (1 seed(s)" in out["variance"]["fixed"][1]
@@ -91,6 +97,19 @@ def test_a_cost_past_its_limit_or_an_invalid_comparison_never_beats():
                          "sweep.max_over_refusal_rise=0.05 (estimate)), 1,000 pairs (INVALID: asr, asr_keyword, helpfulness, over_refusal, "
                          "over_refusal_keyword)")
     assert not out["answer"]["underpowered"]
+
+
+def test_invalid_harm_lets_the_keyword_rater_decide_when_only_the_judge_is_in_doubt():
+    # The point's judge verdicts fail to parse on 10 of 40 benign requests: every judge difference is
+    # INVALID, the keyword rater's are not.  Judged on asr_keyword alone with invalid=harm, the size
+    # beats; its unchecked judge costs are shown and marked.  With invalid=size it is INVALID.
+    design = {"sft-s0": (40, {}), "n100-s0": (20, {"unparsed": 10})}
+    lenient = SweepConfig(seeds=[0], harm_metrics=["asr_keyword"], invalid="harm")
+    (row_,) = run(design, lenient)["sizes"]
+    assert row_["status"] == "beats" and not row_["metrics"]["helpfulness"]["valid"]
+    assert row_["metrics"]["asr_keyword"]["valid"] and row_["metrics"]["asr_keyword"]["diff"] == -0.5
+    (strict,) = run(design, SweepConfig(seeds=[0], harm_metrics=["asr_keyword"]))["sizes"]
+    assert strict["status"] == "INVALID" and "helpfulness" in strict["invalid_metrics"]
 
 
 def test_underpowered_when_no_interval_can_resolve_the_target_effect():
