@@ -199,8 +199,7 @@ def crossed_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: in
     n = x.shape[0]
 
     def weights(k: int) -> np.ndarray:  # replicate x k: how often each index was drawn, over k
-        draws = rng.integers(0, k, size=(int(n_boot), k))
-        return np.apply_along_axis(np.bincount, 1, draws, minlength=k) / k
+        return rng.multinomial(k, np.full(k, 1 / k), size=int(n_boot)) / k
 
     w_req, w_a, w_b = weights(n), weights(x.shape[1]), weights(y.shape[1])
     per_request = y @ w_b.T - x @ w_a.T               # requests x replicates
