@@ -236,12 +236,14 @@ def _cost(cfg: Config, trained: dict, evaluate_share: dict) -> dict:
 
 def _point_runs(store: Store, cfg: Config, report: dict, points: list[dict], sfts: list[dict]) -> None:
     """One run per evaluated arm, as users browse them: the point's coordinates as params, its levels
-    and its paired difference from SFT-only (same seed's SFT) as metrics."""
+    and its paired difference from SFT-only (same seed's SFT) as metrics.  Tagged stage=evaluate (with
+    its arm and the evaluate run it views) so `cai-ray ui`'s evaluate filter shows the points side by side."""
     diffs = {(c["a"], c["b"]): c["differences"] for c in report["comparisons"]}
     for p in [{**s, "size": 0} for s in sfts] + points:
         sft_arm = sfts[p["seed_index"] % len(sfts)]["arm"] if p["size"] else None
-        with stage_run(store, f"{cfg.name}-{p['arm']}", {"stage": "point", "size": p["size"], "seed": p["seed"],
-                                                         "evaluate_run": report.get("mlflow_run_id") or ""}) as run:
+        tags = {"stage": "evaluate", "size": p["size"], "seed": p["seed"], "arm": p["arm"],
+                "view": "one arm of the sweep's evaluate", "evaluate_run": report.get("mlflow_run_id") or ""}
+        with stage_run(store, f"{cfg.name}-{p['arm']}", tags) as run:
             run.log_params(stage_params(cfg, "dpo", size=p["size"], seed=p["seed"]))
             metrics = report["arms"][p["arm"]]["metrics"]
             values = {k: e.get("rate", e.get("mean")) for k, e in metrics.items()}

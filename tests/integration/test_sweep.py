@@ -67,8 +67,9 @@ def test_sweep_nested_subsets_child_runs_and_summary(tmp_path, tiny_eos, tiny_ch
     assert all(r.data.tags["generate_run"] for r in points)
     # Points compare by column in MLflow's runs table: coordinates and the DPO section as params, the
     # point's levels and its paired difference from SFT-only as metrics.
-    (evaluation,) = [r for r in children if r.data.tags.get("stage") == "evaluate"]
-    browsed = [r for r in children if r.data.tags.get("stage") == "point"]
+    # One evaluate ran every arm; a run per arm (tagged with its size) shows it as users browse points.
+    (evaluation,) = [r for r in children if r.data.tags.get("stage") == "evaluate" and "size" not in r.data.tags]
+    browsed = [r for r in children if r.data.tags.get("stage") == "evaluate" and "size" in r.data.tags]
     assert sorted(r.data.params["size"] for r in browsed) == ["0", "4", "8"]  # SFT-only and one per point
     for run in points + browsed:
         assert {"size", "seed", "pair_source"} <= set(run.data.params)
