@@ -249,6 +249,9 @@ class SweepConfig:
             raise ConfigError(f"{key}.seeds is empty; give at least one seed")
         if not self.sft_seeds:
             raise ConfigError(f"{key}.sft_seeds is empty; give at least one SFT seed (e.g. [0])")
+        for name in ("seeds", "sft_seeds"):
+            if len(set(getattr(self, name))) != len(getattr(self, name)):
+                raise ConfigError(f"{key}.{name}={getattr(self, name)} repeats a seed; each seed is one run")
         _positive(f"{key}.concurrency", self.concurrency)
         if not self.harm_metrics:
             raise ConfigError(f"{key}.harm_metrics is empty; name asr and/or asr_keyword")

@@ -135,6 +135,7 @@ def test_underpowered_when_no_interval_can_resolve_the_target_effect():
     ("evaluate.selection_share=1", "evaluate.selection_share=1.0 must lie strictly between 0 and 1"),
     ("sweep.sft_seeds=[]", "sweep.sft_seeds is empty"),
     ("sweep.invalid=ignore", "sweep.invalid='ignore' is not allowed"),
+    ("sweep.sft_seeds=[1,1]", "sweep.sft_seeds=[1, 1] repeats a seed"),
 ])
 def test_bad_sweep_keys_are_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")) as err:
