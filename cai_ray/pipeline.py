@@ -255,7 +255,7 @@ def _point_runs(store: Store, cfg: Config, report: dict, points: list[dict], sft
 
 def _log_answer(store: Store, cfg: Config, analysis: dict) -> None:
     """The parent run: the table, the curve at step = pairs, the answer as a tag and metrics, the plot."""
-    from cai_ray.evaluation.sweep_plot import sweep_figure
+    from cai_ray.evaluation.sweep_plot import log_sweep_figure
 
     rows = sweep_analysis.flat(analysis)
     store.log_table({k: [r.get(k) for r in rows] for k in rows[0]}, "sweep_summary.json")
@@ -269,11 +269,7 @@ def _log_answer(store: Store, cfg: Config, analysis: dict) -> None:
     store.log_metrics({k: v for k, v in {"answer/beats_from_pairs": answer["beats_from"],
                                          "answer/underpowered": float(answer["underpowered"]),
                                          "answer/mde": power.get("mde")}.items() if v is not None})
-    fig = sweep_figure(analysis, cfg.sweep)
-    store.log_figure(fig, "sweep.png")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    log_sweep_figure(store, analysis, cfg.sweep)
 
 
 def sweep(cfg: Config, store: Store) -> dict:

@@ -51,3 +51,12 @@ def sweep_figure(analysis: dict, sw) -> object:
     fig.suptitle(analysis["answer"]["line"][:150], fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def log_sweep_figure(store, analysis: dict, sw) -> None:
+    """sweep.png on the parent run."""
+    import matplotlib.pyplot as plt
+
+    fig = sweep_figure(analysis, sw)
+    store.log_figure(fig, "sweep.png")
+    plt.close(fig)
