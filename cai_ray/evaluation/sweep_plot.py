@@ -49,7 +49,7 @@ def sweep_figure(analysis: dict, sw) -> object:
             ax.set_xlabel("preference pairs")
             ax.legend(fontsize=7)
     fig.suptitle(analysis["answer"]["line"][:150], fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / max(1, len(names))))  # room for the answer above
     return fig
 
 
