@@ -229,7 +229,8 @@ def _cost(cfg: Config, trained: dict, evaluate_share: dict) -> dict:
     """A point's measured cost: its DPO fit (from the manifest, so a reused point keeps it) plus its share
     of the one evaluate."""
     manifest = json.loads((Path(trained["output"]) / "manifest.json").read_text())
-    wall = float(manifest.get("train_seconds") or 0) + float(manifest.get("startup_s") or 0)
+    # The fit's wall time: start-up to the engine ready (workers, model, DPO reference pass), then the steps.
+    wall = float(manifest.get("train_seconds") or 0) + float((manifest.get("startup_s") or {}).get("engine_ready", 0))
     dpo = sweep_analysis.stage_cost(wall, sweep_analysis.train_devices(cfg), cfg.estimate.device_hour_cost)
     return {k: dpo[k] + evaluate_share[k] for k in dpo} | {"dpo": dpo, "evaluate_share": evaluate_share}
 
