@@ -21,6 +21,8 @@ def sweep_figure(analysis: dict, sw) -> object:
     for (left, right), name in zip(axes, names):
         shown = [r for r in table if r["levels"].get(name) is not None]
         if not shown:  # said on the plot, not left as empty axes
+            right.text(0.5, 0.5, "no difference (no request rated by every arm)", ha="center", va="center",
+                       transform=right.transAxes)
             left.text(0.5, 0.5, "no rated responses\n(the evaluate run's failure tables say why)",
                       ha="center", va="center", transform=left.transAxes)
         left.plot([r["pairs"] for r in shown], [r["levels"][name] for r in shown], marker="o",
@@ -44,8 +46,9 @@ def sweep_figure(analysis: dict, sw) -> object:
             right.axhline(COSTS[name][1] * getattr(sw, COSTS[name][0]), color="orange", linestyle=":",
                           label=f"sweep.{COSTS[name][0]}")
         right.set_title(f"{NAMES.get(name, name)}: difference from SFT-only")
-        for ax in (left, right):
-            ax.set_xscale("log")
+        for ax, drawn in ((left, shown), (right, diffs)):
+            if drawn:  # an empty axis cannot be log-scaled
+                ax.set_xscale("log")
             ax.set_xlabel("preference pairs")
             ax.legend(fontsize=7)
     fig.suptitle(analysis["answer"]["line"][:150], fontsize=8)

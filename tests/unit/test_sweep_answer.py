@@ -192,3 +192,15 @@ def test_plan_prints_the_minimum_detectable_difference(capsys):
     # 2.8016 sqrt(0.88 x 0.12 / 1178 x (1 + 1/3)) = 0.0306
     assert line and line[0].startswith("power: smallest ASR difference detectable at 80% power, alpha=0.05: 0.031 ")
     assert "1178 harm requests" in line[0] and "resolves sweep.target_effect=0.05" in line[0]
+
+
+
+def test_the_sweep_plot_says_so_where_no_response_was_rated():
+    # Every judge verdict on benign requests unparsed in every arm: helpfulness has no value anywhere.
+    design = {"sft-s0": (40, {"unparsed": 40}), "n100-s0": (20, {"unparsed": 40})}
+    out = run(design, SweepConfig(seeds=[0]))
+    from cai_ray.evaluation.sweep_plot import sweep_figure
+
+    fig = sweep_figure(out, SweepConfig(seeds=[0]))
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert any(t.startswith("no rated responses") for t in texts)
