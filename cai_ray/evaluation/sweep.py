@@ -143,29 +143,41 @@ def _size_cost(points: list[dict], size: int) -> dict | None:
     return {k: sum(c[k] for c in costs) / len(costs) for k in ("wall_s", "device_s", "price")}
 
 
+def _rated_by_request(rows: list[dict], arm: str, key: str) -> dict[str, list[float]]:
+    by_request: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["arm"] == arm and metric_key(r["metric"], r["rater"]) == key and r["parse_ok"] and not r["failed"] \
+                and r["score"] is not None:
+            by_request[r["request_id"]].append(r["score"])
+    return by_request
+
+
 def power(rows: list[dict], sft_arms: list[str], sw: SweepConfig, seeds: int) -> dict:
     """The smallest ASR difference the sweep's harm requests could detect, from what was measured:
     the SFT-only rate (the configured base rate when it is 0, 1 or undefined), the ICC of a
-    request's responses (sweep.icc when set) and the mean responses per request."""
-    key = sw.harm_metrics[0]
-    by_request: dict[str, list[float]] = defaultdict(list)
-    for r in rows:
-        if r["arm"] == sft_arms[0] and metric_key(r["metric"], r["rater"]) == key and r["parse_ok"] and not r["failed"] \
-                and r["score"] is not None:
-            by_request[r["request_id"]].append(r["score"])
+    request's responses (sweep.icc when set) and the mean responses per request.  The first harm
+    metric with rated responses is used; with none rated, the design alone (every harm response
+    of SFT-only, the configured base rate)."""
+    key = next((k for k in sw.harm_metrics if _rated_by_request(rows, sft_arms[0], k)), None)
+    by_request = _rated_by_request(rows, sft_arms[0], key) if key else defaultdict(list)
+    if not by_request:  # nothing rated: the design's requests and responses, no measured rate or ICC
+        for r in rows:
+            if r["arm"] == sft_arms[0] and r["metric"] == "asr" and r["rater"] == "judge":
+                by_request[r["request_id"]].append(sw.base_rate)
     if not by_request:
-        return {"metric": key, "mde": None, "requests": 0}
+        return {"metric": sw.harm_metrics[0], "mde": None, "requests": 0}
     scores = [s for v in by_request.values() for s in v]
-    rate = sum(scores) / len(scores)
-    base = rate if 0 < rate < 1 else sw.base_rate
-    icc = sw.icc if sw.icc is not None else icc_oneway(list(by_request.values()))
+    rate = sum(scores) / len(scores) if key else None
+    base = rate if rate is not None and 0 < rate < 1 else sw.base_rate
+    icc = sw.icc if sw.icc is not None else icc_oneway(list(by_request.values())) if key else None
     m = len(scores) / len(by_request)
     mde = min_detectable_difference(base, len(by_request), m, 1.0 if icc is None else icc, len(sft_arms), seeds,
                                     sw.alpha, sw.power)
-    return {"metric": key, "mde": mde, "requests": len(by_request), "responses_per_request": m,
-            "base_rate": base, "base_rate_from": "measured" if base == rate else "sweep.base_rate",
+    return {"metric": key or f"{sw.harm_metrics[0]} (no response rated: design only)", "mde": mde,
+            "requests": len(by_request), "responses_per_request": m, "base_rate": base,
+            "base_rate_from": "measured" if base == rate else "sweep.base_rate",
             "icc": icc, "icc_from": "sweep.icc" if sw.icc is not None else "measured" if icc is not None
-            else "not estimable (one response per request): 1 assumed", "alpha": sw.alpha, "power": sw.power}
+            else "not estimable: 1 assumed", "alpha": sw.alpha, "power": sw.power}
 
 
 def answer(analysis: dict, sw: SweepConfig, mde: float | None) -> dict:
