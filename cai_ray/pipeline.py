@@ -5,6 +5,9 @@ is the one place that chains them.  Stages never import each other.  Every
 stage returns its saved manifest when its output for the config already
 exists, so rerunning an interrupted pipeline or sweep skips finished work and
 resumes the first unfinished stage.
+
+Orchestration only: the sweep's analysis, answer and plot live in cai_ray/evaluation/sweep.py and
+sweep_plot.py, the iteration stop rule and its selection split in cai_ray/evaluation/iterate.py.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,14 +24,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from cai_ray import console
-from cai_ray.config import (STAGE_SECTIONS, ArmConfig, Config, EvalSetConfig, IterateConfig, stage_dir,
-                            stage_hash, to_dict)
-from cai_ray.evaluation.rating import judge_scope, judge_starts
+from cai_ray.config import STAGE_SECTIONS, ArmConfig, Config, EvalSetConfig, stage_dir, stage_hash, to_dict
+from cai_ray.evaluation import sweep as sweep_analysis
+from cai_ray.evaluation.iterate import judge_step, log_iterations, metrics_of, policy_rows
+from cai_ray.evaluation.rating import judge_starts
 from cai_ray.evaluation.sets import load_eval_sets
 from cai_ray.tracking import Store, flatten, stage_run, write_atomic
 
 PIPELINE = ("generate", "sft", "dpo", "evaluate")
-SWEEP_METRICS = ("asr", "asr_keyword", "over_refusal", "helpfulness")
 CAPABILITY_SET = "samples:capability_eval"
 
 
@@ -128,83 +130,40 @@ def run(cfg: Config, store: Store) -> dict:
     return summary
 
 
-def stop_reason(it: IterateConfig, prev: dict, cur: dict) -> str | None:
-    """Why no further iteration should run after the policy with metrics ``cur`` (None: go on).
-
-    The harm metric must fall by at least iterate.min_improvement, or by less but with intervals
-    that no longer overlap; an undefined metric stops (nothing to compare), as does a cost past its
-    limit.  Both policies' numbers come from the same eval sets, so this is model selection on them:
-    publish on a set the stop rule never saw.
-    """
-    before, now = _value(prev, it.metric), _value(cur, it.metric)
-    if before is None or now is None:
-        return f"{it.metric} is undefined (n/a), so iterations cannot be compared"
-    a, b = prev[it.metric], cur[it.metric]
-    overlap = None in (a["lo"], b["lo"]) or (b["lo"] <= a["hi"] and a["lo"] <= b["hi"])
-    if before - now < it.min_improvement and overlap:
-        return (f"{it.metric} fell by {before - now:+.3f} < iterate.min_improvement={it.min_improvement} "
-                f"with overlapping intervals")
-    refusal, helpful = _value(cur, it.over_refusal_metric), _value(cur, it.helpfulness_metric)
-    if it.max_over_refusal is not None and refusal is not None and refusal > it.max_over_refusal:
-        return f"{it.over_refusal_metric} {refusal:.3f} > iterate.max_over_refusal={it.max_over_refusal}"
-    if it.min_helpfulness is not None and helpful is not None and helpful < it.min_helpfulness:
-        return f"{it.helpfulness_metric} {helpful:.2f} < iterate.min_helpfulness={it.min_helpfulness}"
-    return None
-
-
 def _iterate(store: Store, cfg: Config, results: dict) -> dict:
     """Iterations 2..N, each a child run: label samples from the last policy, DPO starts from it and
-    keeps it as the reference, evaluate scores the new policy; early stop after any iteration."""
-    report = json.loads((Path(results["evaluate"]["output"]) / "report.json").read_text())
-    curve = [report["arms"]["sft"]["metrics"], report["arms"]["dpo"]["metrics"]]
-    policies = [results["sft"]["adapter"], results["dpo"]["adapter"]]
+    keeps it as the reference, evaluate scores the new policy.  The stop rule reads the selection
+    split (cai_ray/evaluation/iterate.py); the curve reported is the other split's."""
+    share = cfg.evaluate.selection_share
+    first = results["evaluate"]["output"]
+    rows = [policy_rows(first, "sft", share), policy_rows(first, "dpo", share)]
+    names, policies = ["sft", "dpo"], [results["sft"]["adapter"], results["dpo"]["adapter"]]
     loaded = _stage("evaluate").load_sets(cfg)
-    stop = stop_reason(cfg.iterate, curve[0], curve[1])
-    while stop is None and len(curve) <= cfg.iterate.iterations:
-        k = len(curve)
+    stop = judge_step(cfg, rows[0], rows[1])
+    while stop is None and len(rows) <= cfg.iterate.iterations:
+        k = len(rows)
         step = copy.deepcopy(cfg)
         step.name, step.label.policy, step.dpo.sft_adapter = f"{cfg.name}-it{k}", policies[-1], policies[-1]
         with stage_run(store, step.name, {"stage": "iteration", "iteration": k}) as it_store:
             _child(it_store, step, "label", f"{step.name}-label")
             dpo = _child(it_store, step, "dpo", f"{step.name}-dpo")
-            curve.append(_evaluate(it_store, step, f"{step.name}-evaluate", ArmConfig(name=f"it{k}",
-                                                                                     adapter=dpo["adapter"]), loaded))
+            done = _evaluate(it_store, step, f"{step.name}-evaluate", ArmConfig(name=f"it{k}", adapter=dpo["adapter"]),
+                             loaded)
+        rows.append(policy_rows(done["output"], f"it{k}", share))
+        names.append(f"it{k}")
         policies.append(dpo["adapter"])
-        stop = stop_reason(cfg.iterate, curve[-2], curve[-1])
-    _log_iterations(store, cfg.iterate, curve, stop)
+        stop = judge_step(cfg, rows[-2], rows[-1])
+    # The last policy the rule accepted: the one before a rejected step, else the last one.
+    best = len(rows) - 2 if stop else len(rows) - 1
+    curve = [metrics_of(cfg, r["report"], n) for r, n in zip(rows, names)]
+    requests = {part: len({x["request_id"] for x in rows[0][part]}) for part in ("selection", "report")}
+    log_iterations(store, cfg, curve, stop, names[best], requests)
     if stop:
-        console.say(f"run: stopped after iteration {len(curve) - 1} of {cfg.iterate.iterations}: {stop}")
-    return {"iterations_run": len(curve) - 1, "stop_reason": stop or "all iterations ran", "policy": policies[-1]}
-
-
-def _log_iterations(store: Store, it: IterateConfig, curve: list[dict], stop: str | None) -> None:
-    """The per-iteration curve on the parent run: metrics by step (0 = the SFT policy) and a plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = dict.fromkeys((it.metric, it.over_refusal_metric, it.helpfulness_metric))
-    for k, metrics in enumerate(curve):
-        values = {}
-        for n in names:
-            entry = metrics.get(n) or {}
-            values.update({f"iteration/{n}": _value(metrics, n), f"iteration/{n}_lo": entry.get("lo"),
-                           f"iteration/{n}_hi": entry.get("hi")})
-        store.log_metrics(values, step=k)
-    store.set_tags({"iterate.stopped": stop or "all iterations ran", "iterate.iterations_run": len(curve) - 1})
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
-    for ax, name in zip(axes, names):
-        shown = [(k, m[name]) for k, m in enumerate(curve) if _value(m, name) is not None]
-        ys = [_value({name: e}, name) for _, e in shown]
-        err = [[y - (e["lo"] if e["lo"] is not None else y) for (_, e), y in zip(shown, ys)],
-               [(e["hi"] if e["hi"] is not None else y) - y for (_, e), y in zip(shown, ys)]]
-        ax.errorbar([k for k, _ in shown], ys, yerr=err, marker="o", capsize=3)
-        ax.set_xlabel("iteration (0 = SFT policy)")
-        ax.set_title(name)
-    fig.tight_layout()
-    store.log_figure(fig, "iterations.png")
-    plt.close(fig)
+        console.say(f"run: stopped after iteration {len(rows) - 1} of {cfg.iterate.iterations}: {stop}")
+    console.say(f"run: best policy by the stop rule: {names[best]} ({policies[best]}); the rule read "
+                f"{requests['selection']} selection requests, the iteration curve the other {requests['report']}")
+    return {"iterations_run": len(rows) - 1, "stop_reason": stop or "all iterations ran",
+            "best_policy": names[best], "policy": policies[best]}
 
 
 def nested_subsets(pairs: Path, sizes: list[int], seed: int, out: Path) -> dict[int, Path]:
@@ -234,12 +193,11 @@ def _point_config(cfg: Config, sft_adapter: str, subset: Path, size: int, seed: 
     return point
 
 
-def _evaluate(parent: Store, cfg: Config, name: str, arm: ArmConfig, loaded: tuple, **tags) -> dict:
+def _evaluate(parent: Store, cfg: Config, name: str, arms: ArmConfig | list[ArmConfig], loaded: tuple,
+              **tags) -> dict:
     cfg = copy.deepcopy(cfg)
-    cfg.evaluate.arms = [arm]
-    result = _child(parent, cfg, "evaluate", name, {"loaded": loaded}, **tags)
-    report = json.loads((Path(result["output"]) / "report.json").read_text())
-    return report["arms"][arm.name]["metrics"]
+    cfg.evaluate.arms = arms if isinstance(arms, list) else [arms]
+    return _child(parent, cfg, "evaluate", name, {"loaded": loaded}, **tags)
 
 
 def _dpo_point(parent: Store, cfg: Config, sft_adapter: str, subset: Path, size: int, seed: int,
@@ -249,64 +207,6 @@ def _dpo_point(parent: Store, cfg: Config, sft_adapter: str, subset: Path, size:
     return point, tags, _child(parent, point, "dpo", f"{point.name}-dpo", **tags)
 
 
-def _value(metrics: dict, name: str) -> float | None:
-    entry = metrics.get(name) or {}
-    return entry.get("rate", entry.get("mean"))
-
-
-def log_sweep(store: Store, points: list[dict], baseline: dict, names=SWEEP_METRICS) -> list[dict]:
-    """Mean and interval over seeds per size, as an MLflow table and a log-scale plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cai_ray.stats import summarize_over_seeds
-
-    rows = []
-    for size in sorted({p["size"] for p in points}):
-        row = {"pairs": size, "seeds": sum(p["size"] == size for p in points)}
-        for name in names:
-            values = [v for p in points if p["size"] == size and (v := _value(p["metrics"], name)) is not None]
-            # One seed has no spread: its interval is left empty rather than NaN.
-            stats = summarize_over_seeds(values) if values else (None, None, None)
-            mean, lo, hi = (None if x is None or math.isnan(x) else float(x) for x in stats)
-            row.update({name: mean, f"{name}_lo": lo, f"{name}_hi": hi})
-            row[f"sft_{name}"] = _value(baseline, name)
-        rows.append(row)
-    store.log_table({k: [r[k] for r in rows] for k in rows[0]}, "sweep_summary.json")
-    # The same curve in MLflow's chart view, where the parent run is what shows: step = pairs.
-    for row in rows:
-        store.log_metrics({f"sweep/{name}": row[name] for name in names}, step=row["pairs"])
-    # Two columns: MLflow's artifact view shrinks a wide figure to fit its pane.
-    cols = min(2, len(names))
-    fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(6 * cols, 4 * -(-len(names) // cols)),
-                             squeeze=False)
-    for ax in axes.flat[len(names):]:
-        ax.set_visible(False)
-    for ax, name in zip(axes.flat, names):
-        shown = [r for r in rows if r[name] is not None]
-        if not shown:  # said on the plot, not left as empty axes
-            ax.text(0.5, 0.5, "no rated responses\n(the evaluate runs' failure tables say why)",
-                    ha="center", va="center", transform=ax.transAxes)
-        ys = [r[name] for r in shown]
-        below = [r[name] - (r[f"{name}_lo"] if r[f"{name}_lo"] is not None else r[name]) for r in shown]
-        above = [(r[f"{name}_hi"] if r[f"{name}_hi"] is not None else r[name]) - r[name] for r in shown]
-        ax.errorbar([r["pairs"] for r in shown], ys, yerr=[below, above], marker="o", capsize=3,
-                    label="SFT + DPO (mean over seeds)")
-        base = baseline.get(name) or {}
-        if base.get("lo") is not None and base.get("hi") is not None:
-            ax.axhspan(base["lo"], base["hi"], alpha=0.2, color="grey", label="SFT only (95% CI)")
-        ax.set_xscale("log")
-        ax.set_xlabel("preference pairs")
-        ax.set_title(name)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    store.log_figure(fig, "sweep.png")
-    plt.close(fig)
-    return rows
-
-
 def sweep_sizes(requested: list[int], available: int) -> tuple[list[int], dict[int, int]]:
     """The sizes to train, and each requested size larger than the pairs available -> what it became.
     A clipped size is trained once at ``available``, never as a silent duplicate of another point."""
@@ -314,11 +214,74 @@ def sweep_sizes(requested: list[int], available: int) -> tuple[list[int], dict[i
     return sizes, {s: available for s in requested if s > available}
 
 
+def _sfts(store: Store, cfg: Config) -> list[dict]:
+    """One SFT per sweep.sft_seeds entry (the seed its training draws from)."""
+    out = []
+    for seed in cfg.sweep.sft_seeds:
+        step = copy.deepcopy(cfg)
+        step.seed = seed
+        name = f"{cfg.name}-sft" if len(cfg.sweep.sft_seeds) == 1 else f"{cfg.name}-sft-s{seed}"
+        out.append({"seed": seed, "arm": f"sft-s{seed}", **_child(store, step, "sft", name, size=0, seed=seed)})
+    return out
+
+
+def _cost(cfg: Config, trained: dict, evaluate_share: dict) -> dict:
+    """A point's measured cost: its DPO fit (from the manifest, so a reused point keeps it) plus its share
+    of the one evaluate."""
+    manifest = json.loads((Path(trained["output"]) / "manifest.json").read_text())
+    # The fit's wall time: start-up to the engine ready (workers, model, DPO reference pass), then the steps.
+    wall = float(manifest.get("train_seconds") or 0) + float((manifest.get("startup_s") or {}).get("engine_ready", 0))
+    dpo = sweep_analysis.stage_cost(wall, sweep_analysis.train_devices(cfg), cfg.estimate.device_hour_cost)
+    return {k: dpo[k] + evaluate_share[k] for k in dpo} | {"dpo": dpo, "evaluate_share": evaluate_share}
+
+
+def _point_runs(store: Store, cfg: Config, report: dict, points: list[dict], sfts: list[dict]) -> None:
+    """One run per evaluated arm, as users browse them: the point's coordinates as params, its levels
+    and its paired difference from SFT-only (same seed's SFT) as metrics.  Tagged stage=evaluate (with
+    its arm and the evaluate run it views) so `cai-ray ui`'s evaluate filter shows the points side by side."""
+    diffs = {(c["a"], c["b"]): c["differences"] for c in report["comparisons"]}
+    for p in [{**s, "size": 0} for s in sfts] + points:
+        sft_arm = sfts[p["seed_index"] % len(sfts)]["arm"] if p["size"] else None
+        tags = {"stage": "evaluate", "size": p["size"], "seed": p["seed"], "arm": p["arm"],
+                "view": "one arm of the sweep's evaluate", "evaluate_run": report.get("mlflow_run_id") or ""}
+        with stage_run(store, f"{cfg.name}-{p['arm']}", tags) as run:
+            run.log_params(stage_params(cfg, "dpo", size=p["size"], seed=p["seed"]))
+            metrics = report["arms"][p["arm"]]["metrics"]
+            values = {k: e.get("rate", e.get("mean")) for k, e in metrics.items()}
+            for k, d in (diffs.get((sft_arm, p["arm"])) or {}).items():
+                values.update({f"diff_{k}": d["diff"], f"diff_{k}_lo": d["lo"], f"diff_{k}_hi": d["hi"]})
+            values.update({f"cost_{k}": v for k, v in (p.get("cost") or {}).items() if isinstance(v, float)})
+            run.log_metrics({k: v for k, v in values.items() if v is not None})
+
+
+def _log_answer(store: Store, cfg: Config, analysis: dict) -> None:
+    """The parent run: the table, the curve at step = pairs, the answer as a tag and metrics, the plot."""
+    from cai_ray.evaluation.sweep_plot import log_sweep_figure
+
+    rows = sweep_analysis.flat(analysis)
+    store.log_table({k: [r.get(k) for r in rows] for k in rows[0]}, "sweep_summary.json")
+    for row in rows:  # MLflow's chart view shows the parent run: step = pairs
+        store.log_metrics({f"sweep/{k}": v for k, v in row.items() if isinstance(v, (int, float))
+                           and k not in ("pairs", "seeds") and not isinstance(v, bool)}, step=row["pairs"])
+    answer, power = analysis["answer"], analysis["power"]
+    store.set_tags({"sweep.answer": answer["line"][:5000], "sweep.scheme": analysis["scheme"][:5000],
+                    "sweep.variance_sampled": "; ".join(analysis["variance"]["sampled"]),
+                    "sweep.variance_fixed": "; ".join(analysis["variance"]["fixed"])})
+    store.log_metrics({k: v for k, v in {"answer/beats_from_pairs": answer["beats_from"],
+                                         "answer/underpowered": float(answer["underpowered"]),
+                                         "answer/mde": power.get("mde")}.items() if v is not None})
+    log_sweep_figure(store, analysis, cfg.sweep)
+
+
 def sweep(cfg: Config, store: Store) -> dict:
-    """DPO + evaluate on nested pair subsets x seeds, over one generation pass and one SFT checkpoint."""
+    """DPO on nested pair subsets x seeds over one generation pass and sweep.sft_seeds SFT runs; every
+    point and SFT-only evaluated as arms of one evaluate; each size compared with SFT-only."""
     cfg = _resumable(cfg)
     generate = _child(store, cfg, "generate", f"{cfg.name}-generate")
-    sft = _child(store, cfg, "sft", f"{cfg.name}-sft")
+    sfts = _sfts(store, cfg)
+    # The first SFT is the reference everything else derives from (label's policy, pair source).
+    cfg = copy.deepcopy(cfg)
+    cfg.dpo.sft_adapter = sfts[0]["adapter"]
     if cfg.dpo.pairs != "revisions":
         _child(store, cfg, "label", f"{cfg.name}-label")
     from cai_ray.train.sources import dpo_source, fingerprint
@@ -333,31 +296,46 @@ def sweep(cfg: Config, store: Store) -> dict:
     source = Path(generate["output"]).name if cfg.dpo.pairs == "revisions" \
         else f"{cfg.dpo.pairs}-{fingerprint(str(pairs))[:12]}"
     root = stage_dir(cfg, "generate").parent.parent / "sweep" / source
-    jobs = [(n, path, seed) for seed in cfg.sweep.seeds
+    # DPO seed i starts from SFT seed i mod len(sft_seeds).
+    jobs = [(n, path, seed, i) for i, seed in enumerate(cfg.sweep.seeds)
             for n, path in nested_subsets(pairs, sizes, seed, root).items()]
     generate_run = generate.get("mlflow_run_id") or ""
     with ThreadPoolExecutor(max_workers=cfg.sweep.concurrency) as pool:
-        trained = list(pool.map(lambda j: _dpo_point(store, cfg, sft["adapter"], j[1], j[0], j[2], generate_run),
-                                jobs))
-    # Evaluation after all training, so the judge never holds resources a DPO point waits for, and
-    # start-up is paid once: the eval sets and the held-out check (a point's DPO data holds only
-    # generation prompts, which the check already covers) and one judge app for every evaluation.
-    loaded = _stage("evaluate").load_sets(cfg)
+        trained = list(pool.map(lambda j: _dpo_point(store, cfg, sfts[j[3] % len(sfts)]["adapter"], j[1], j[0],
+                                                     j[2], generate_run), jobs))
+    points = [{"size": t[1]["size"], "seed": t[1]["seed"], "seed_index": j[3], "arm": f"n{t[1]['size']}-s{t[1]['seed']}",
+               "adapter": t[2]["adapter"], "dpo_output": t[2]["output"]} for j, t in zip(jobs, trained)]
+    # One evaluate after all training, every point and SFT-only as its arms: the same requests,
+    # sampling seeds and judge for all, so each size pairs with SFT-only request by request.
+    arms = [ArmConfig(name=s["arm"], adapter=s["adapter"]) for s in sfts] + \
+        [ArmConfig(name=p["arm"], adapter=p["adapter"]) for p in points]
     starts = judge_starts()
-    with judge_scope(), ThreadPoolExecutor(max_workers=cfg.sweep.concurrency) as pool:
-        baseline = _evaluate(store, cfg, f"{cfg.name}-sft-baseline",
-                             ArmConfig(name="sft", adapter=sft["adapter"]), loaded, size=0, seed=cfg.seed)
-        metrics = list(pool.map(lambda t: _evaluate(store, t[0], f"{t[0].name}-evaluate",
-                                                    ArmConfig(name="dpo", adapter=t[2]["adapter"]), loaded, **t[1]),
-                                trained))
-    points = [{"size": t[1]["size"], "seed": t[1]["seed"], "adapter": t[2]["adapter"], "metrics": m}
-              for t, m in zip(trained, metrics)]
-    summary = log_sweep(store, points, baseline, SWEEP_METRICS)
+    done = _evaluate(store, cfg, f"{cfg.name}-evaluate", arms, _stage("evaluate").load_sets(cfg))
+    report = json.loads((Path(done["output"]) / "report.json").read_text())
+    rows = pq.read_table(Path(done["output"]) / "ratings.parquet").to_pylist()
+    wall = float(report.get("wall_seconds") or 0.0)
+    share = sweep_analysis.stage_cost(wall / len(arms), sweep_analysis.evaluate_devices(cfg),
+                                      cfg.estimate.device_hour_cost)
+    for p, t in zip(points, trained):
+        p["cost"] = _cost(cfg, t[2], share)
+        p["metrics"] = report["arms"][p["arm"]]["metrics"]
+    e = cfg.evaluate
+    analysis = sweep_analysis.summarize(rows, report, [s["arm"] for s in sfts], points, cfg.sweep,
+                                        e.sampling.temperature, e.samples_per_prompt, e.bootstrap, cfg.seed)
+    _point_runs(store, cfg, report, points, sfts)
+    _log_answer(store, cfg, analysis)
     if clipped:
         print(f"sweep: sizes {sorted(clipped)} clipped to the {available} pairs available", flush=True)
-    write_atomic(root / "sweep.json", json.dumps({"sizes": sizes, "seeds": cfg.sweep.seeds, "points": points,
-                                                  "baseline": baseline, "summary": summary,
-                                                  "clipped": clipped, "available_pairs": available,
-                                                  "judge_startups": judge_starts() - starts}, indent=2))
+    shared = {s["arm"]: _cost(cfg, s, sweep_analysis.stage_cost(0.0, 0.0, 0.0)) for s in sfts}
+    write_atomic(root / "sweep.json", json.dumps({
+        "answer": analysis["answer"]["line"], "sizes": sizes, "seeds": cfg.sweep.seeds,
+        "sft_seeds": cfg.sweep.sft_seeds, "points": points, "analysis": analysis, "sft_cost": shared,
+        "baseline": {s["arm"]: report["arms"][s["arm"]]["metrics"] for s in sfts}, "evaluate": done["output"],
+        "clipped": clipped, "available_pairs": available, "judge_startups": judge_starts() - starts},
+        indent=2, default=str))
+    console.say(sweep_analysis.table_text(analysis))
+    console.say(f"sweep: {analysis['answer']['line']}")
+    console.say(f"sweep: variance sampled: {'; '.join(analysis['variance']['sampled'])}; held fixed: "
+                f"{'; '.join(analysis['variance']['fixed'])}")
     return {"output": str(root), "sizes": sizes, "seeds": list(cfg.sweep.seeds), "points": len(points),
-            "available_pairs": available}
+            "available_pairs": available, "answer": analysis["answer"]["line"]}

@@ -349,6 +349,9 @@ def plan_main(argv: list[str]) -> int:
         print(render(req, nodes, problem))
         problems += [problem] if problem else []
     problems += [p for p in [eval_set_problem(cfg, args.cluster)] if p]
+    from cai_ray.evaluation.sweep import planned_power  # the sweep's power, before any GPU-hour
+
+    print(planned_power(cfg))
     if problems:
         raise ValueError(problems[0])
     return 0

@@ -164,3 +164,97 @@ def cohen_kappa(a: Sequence, b: Sequence) -> Kappa:
     if expected >= 1.0:
         return Kappa(None, observed, int(x.size))
     return Kappa((observed - expected) / (1 - expected), observed, int(x.size))
+
+
+# ---------------------------------------------------------------- sweeps: seeds, families, power
+
+
+class Crossed(NamedTuple):
+    diff: float        # mean over requests of (mean over b's seeds - mean over a's seeds)
+    lo: float
+    hi: float
+    n: int             # requests every seed of both sides rated
+    p_value: float     # two-sided, from the same bootstrap replicates
+
+
+def crossed_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                      confidence: float = 0.95) -> Crossed:
+    """b - a where rows are requests and columns training seeds (a: requests x s, b: requests x k).
+
+    Requests and seeds are crossed random factors, so each replicate resamples both at once
+    (the two-way "pigeonhole" bootstrap, Owen 2007): n requests with replacement, and
+    independently s of a's seeds and k of b's, then the mean over the drawn requests of the
+    drawn seeds' mean difference.  A side with one seed contributes no training variance (its
+    seed is held fixed).  p: twice the smaller share of replicates on either side of zero, with
+    the +1 of a Monte Carlo p-value (smallest possible 2 / (n_boot + 1)).
+    """
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"a and b must be requests x seeds with the same requests, got {x.shape} and {y.shape}")
+    if x.size == 0 or y.size == 0 or not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("a and b need at least one request and seed each, all finite")
+    _check_confidence(confidence)
+    rng = np.random.default_rng(seed)
+    n = x.shape[0]
+
+    def weights(k: int) -> np.ndarray:  # replicate x k: how often each index was drawn, over k
+        return rng.multinomial(k, np.full(k, 1 / k), size=int(n_boot)) / k
+
+    w_req, w_a, w_b = weights(n), weights(x.shape[1]), weights(y.shape[1])
+    per_request = y @ w_b.T - x @ w_a.T               # requests x replicates
+    reps = np.einsum("ir,ri->i", w_req, per_request)  # one mean difference per replicate
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(reps, [tail, 1 - tail])
+    p = 2 * min((reps <= 0).sum() + 1, (reps >= 0).sum() + 1) / (n_boot + 1)
+    return Crossed(float((y.mean(axis=1) - x.mean(axis=1)).mean()), float(lo), float(hi), n, min(1.0, float(p)))
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment (scipy has Benjamini-Hochberg, not Holm): the i-th smallest of
+    m p-values times (m - i + 1), made monotone, capped at 1.  None (no test) stays None."""
+    known = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(known):
+        running = max(running, min(1.0, (len(known) - rank) * p))
+        out[i] = running
+    return out
+
+
+def icc_oneway(groups: Sequence[Sequence[float]]) -> float | None:
+    """Intraclass correlation ICC(1) of values grouped by request (one-way ANOVA, unequal sizes).
+
+    (MSB - MSW) / (MSB + (n0 - 1) MSW), n0 = (N - sum n_i^2 / N) / (k - 1).  None when it cannot
+    be estimated: fewer than two groups, no group with two values, or no variation at all.
+    """
+    arrays = [np.asarray(g, dtype=float) for g in groups if len(g)]
+    sizes = np.array([g.size for g in arrays])
+    k, total = len(arrays), int(sizes.sum())
+    if k < 2 or total == k:
+        return None
+    grand = np.concatenate(arrays).mean()
+    msb = sum(g.size * (g.mean() - grand) ** 2 for g in arrays) / (k - 1)
+    msw = sum(((g - g.mean()) ** 2).sum() for g in arrays) / (total - k)
+    n0 = (total - (sizes ** 2).sum() / total) / (k - 1)
+    denominator = msb + (n0 - 1) * msw
+    return None if denominator <= 0 else float((msb - msw) / denominator)
+
+
+def min_detectable_difference(base_rate: float, requests: int, samples_per_request: float, icc: float,
+                              seeds_a: int = 1, seeds_b: int = 1, alpha: float = 0.05,
+                              power: float = 0.8) -> float:
+    """Smallest true difference in a rate a two-sided test at ``alpha`` finds with ``power``.
+
+    (z_{1-alpha/2} + z_power) * sqrt(p (1 - p) deff / (n m) * (1/s_a + 1/s_b)): two arms rated on
+    the same n requests with m responses each, the design effect deff = 1 + (m - 1) icc counting
+    correlated responses of one request, each side averaged over its seeds' independent samples.
+    The arms are treated as independent (pairing by request can only shrink this) and training
+    variance between seeds is not included (unknown before a sweep has run).
+    """
+    if not 0 < base_rate < 1 or requests < 1 or samples_per_request < 1 or not 0 < power < 1:
+        raise ValueError(f"need 0 < base_rate < 1, requests >= 1, samples >= 1, 0 < power < 1; got "
+                         f"{base_rate}, {requests}, {samples_per_request}, {power}")
+    _check_confidence(1 - alpha)
+    deff = 1 + (samples_per_request - 1) * min(1.0, max(0.0, icc))
+    variance = base_rate * (1 - base_rate) * deff / (requests * samples_per_request) * (1 / seeds_a + 1 / seeds_b)
+    return float((sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)) * math.sqrt(variance))

@@ -222,6 +222,8 @@ RESOURCE_KEYS = {
     # The check measures the feedback model; it never changes the labels.
     "label": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size", "check", "check_data",
               "resources", "labels"),
+    # Which requests choose (iterate's stop rule) changes no rating.
+    "evaluate": ("selection_share",),
 }
 
 

@@ -165,6 +165,7 @@ def run(cfg: Config, store: Store, loaded: tuple | None = None) -> dict:
         report = json.loads((out / "report.json").read_text())
         print(_with_agreement(out, render.summary_text(report, _header(cfg, report) + f" (finished earlier: {out})")))
         return _summary(report)
+    started = time.monotonic()  # the evaluate's measured wall time, for the sweep's cost per point
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", to_yaml(cfg))
     e = cfg.evaluate
@@ -189,7 +190,8 @@ def run(cfg: Config, store: Store, loaded: tuple | None = None) -> dict:
                          "harm_rubric": cfg.judge.harm_rubric},
                   judge_check=checked,
                   limits={"max_share": asdict(e.max_share), "min_rater_kappa": e.min_rater_kappa,
-                          "min_accuracy": cfg.judge.min_accuracy})
+                          "min_accuracy": cfg.judge.min_accuracy},
+                  wall_seconds=round(time.monotonic() - started, 1))
     _log(store, out, rows, report, _write_outputs(out, rows, report))
     traces = _trace(cfg, store, rows)
     summary = {**_summary(report), "traces": f"{traces['logged']} judge calls ({traces['review']} for review)"}

@@ -1,5 +1,6 @@
 """RL-CAI iterations through `cai-ray run` on the tiny model: a second iteration samples from the first
-DPO policy, labels and trains from it; a rerun with a forced threshold stops early and reuses everything."""
+DPO policy, labels and trains from it; the stop rule reads the selection split and the curve the rest; a
+rerun with a forced threshold stops early, reuses everything and names the best policy by the rule."""
 
 import json
 import socket
@@ -44,6 +45,10 @@ def test_two_iterations_then_an_early_stop_with_curves_in_mlflow(tmp_path, tiny_
                            "iterate.min_improvement=-1"], capture_output=True, text=True, cwd=ROOT, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "iterations_run: 2" in done.stdout and "stop_reason: all iterations ran" in done.stdout
+    # By request id (evaluate.selection_share=0.5) harm requests 0, 1 and capability requests 1, 2 fall in the
+    # selection split: the rule chose on those 4 requests, the curve shows the other 2.
+    assert "best_policy: it2" in done.stdout
+    assert "the rule read 4 selection requests, the iteration curve the other 2" in done.stdout
 
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("iterate-test")
@@ -64,6 +69,8 @@ def test_two_iterations_then_an_early_stop_with_curves_in_mlflow(tmp_path, tiny_
     assert [m.step for m in curve] == [0, 1, 2]
     assert "iterations.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert parent.data.tags["iterate.stopped"] == "all iterations ran"
+    assert parent.data.tags["iterate.best_policy"] == "it2"
+    assert parent.data.tags["iterate.selection"].startswith("stop rule on the selection split (evaluate.selection_share=0.5")
 
     # A forced threshold: no iteration can improve by 1.0, so a 3-iteration rerun stops after the
     # second, reusing both (nothing retrains) and never starting a third.
@@ -72,4 +79,7 @@ def test_two_iterations_then_an_early_stop_with_curves_in_mlflow(tmp_path, tiny_
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "iterations_run: 1" in again.stdout or "iterations_run: 2" in again.stdout
     assert "stopped after iteration" in again.stdout and "< iterate.min_improvement=1.0" in again.stdout
+    # The rejected policy is not the one returned: the last one the rule accepted is.
+    best = "sft" if "iterations_run: 1" in again.stdout else "dpo"
+    assert f"best_policy: {best}" in again.stdout
     assert not any("-it3" in p.name for p in (out / "dpo").glob("*")) and len(list((out / "dpo").glob("*"))) == 2

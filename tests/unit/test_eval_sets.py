@@ -138,27 +138,7 @@ def test_capability_sets_carry_reference_answers(tmp_path):
         load_eval_sets(cfg_with(f"evaluate.sets=[{{source: {bare}, kind: capability}}]"))
 
 
-def entry(value, lo, hi):
-    return {"rate": value, "lo": lo, "hi": hi}
-
-
-def test_iterations_stop_when_harm_stops_improving_or_a_cost_crosses_its_limit():
-    from cai_ray.config import IterateConfig
-    from cai_ray.pipeline import stop_reason
-
-    it = IterateConfig(iterations=3, metric="asr_keyword", min_improvement=0.05, max_over_refusal=0.3)
-    before = {"asr_keyword": entry(0.50, 0.40, 0.60), "over_refusal": entry(0.10, 0.0, 0.2)}
-    # Down 0.20 with separate intervals: go on.
-    assert stop_reason(it, before, {"asr_keyword": entry(0.30, 0.20, 0.39)}) is None
-    # Down 0.02 (< 0.05) and the intervals overlap: stop.
-    assert stop_reason(it, before, {"asr_keyword": entry(0.48, 0.38, 0.58)}).startswith(
-        "asr_keyword fell by +0.020 < iterate.min_improvement=0.05 with overlapping intervals")
-    # Down only 0.04 but the intervals no longer overlap: a real change, go on.
-    assert stop_reason(it, {"asr_keyword": entry(0.50, 0.49, 0.51)}, {"asr_keyword": entry(0.46, 0.45, 0.47)}) is None
-    # Safer but refusing benign requests too often: stop.
-    assert stop_reason(it, before, {"asr_keyword": entry(0.10, 0.05, 0.15), "over_refusal": entry(0.4, 0.3, 0.5)}) \
-        == "over_refusal 0.400 > iterate.max_over_refusal=0.3"
-    assert "undefined" in stop_reason(it, before, {"asr_keyword": entry(None, None, None)})
+# The iterate stop rule moved with its code: tests/unit/test_sweep_answer.py.
 
 
 def test_more_than_one_iteration_needs_on_policy_pairs():

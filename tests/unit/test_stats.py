@@ -145,3 +145,45 @@ def test_cohen_kappa_undefined_cases():
     assert cohen_kappa([], []) == (None, None, 0)
     with pytest.raises(ValueError, match="paired"):
         cohen_kappa([1, 0], [1])
+
+
+# ------------------------------------------------------------------ sweeps
+
+
+def test_holm_worked_numbers():
+    from cai_ray.stats import holm
+
+    # sorted 0.01, 0.03, 0.04 (m=3): 3 x 0.01 = 0.03; 2 x 0.03 = 0.06; max(0.06, 1 x 0.04) = 0.06
+    adjusted = holm([0.01, 0.04, 0.03, None])
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and adjusted[3] is None
+    assert holm([0.5, 0.9]) == [1.0, 1.0]
+
+
+def test_crossed_bootstrap_resamples_requests_and_seeds():
+    from cai_ray.stats import crossed_bootstrap
+
+    a = np.zeros((20, 1))
+    same = crossed_bootstrap(a, a, n_boot=500)
+    assert (same.diff, same.lo, same.hi, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+    all_lower = crossed_bootstrap(a, -np.ones((20, 2)), n_boot=500)
+    assert all_lower.diff == -1.0 and all_lower.p_value == pytest.approx(2 / 501)
+    # Seeds that disagree widen the interval beyond what requests alone give: one seed at -1 on
+    # every request, the other at 0.
+    seeds = crossed_bootstrap(a, np.column_stack([-np.ones(20), np.zeros(20)]), n_boot=2000)
+    assert seeds.diff == -0.5 and seeds.lo == pytest.approx(-1.0) and seeds.hi == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="same requests"):
+        crossed_bootstrap(np.zeros((3, 1)), np.zeros((4, 1)))
+
+
+def test_icc_and_minimum_detectable_difference_worked_numbers():
+    from cai_ray.stats import icc_oneway, min_detectable_difference
+
+    # grand 0.5; MSB (2(.25) + 2(.25) + 0) / 2 = 0.5; MSW 0.5 / 3; n0 = 2 -> (0.5 - 1/6) / (0.5 + 1/6) = 0.5
+    assert icc_oneway([[1, 1], [0, 0], [1, 0]]) == pytest.approx(0.5)
+    assert icc_oneway([[1], [0]]) is None  # one response per request: not estimable
+    # (1.959964 + 0.841621) sqrt(0.88 x 0.12 / 1000 x 2) = 0.04070
+    assert min_detectable_difference(0.88, 1000, 1, 0.0) == pytest.approx(0.040707, abs=1e-5)
+    # m = 4 responses fully correlated count as one: the same as one response per request.
+    assert min_detectable_difference(0.88, 1000, 4, 1.0) == pytest.approx(0.040707, abs=1e-5)
+    # ... and uncorrelated ones as four requests' worth.
+    assert min_detectable_difference(0.88, 1000, 4, 0.0) == pytest.approx(0.040707 / 2, abs=1e-5)
