@@ -120,8 +120,8 @@ def run_command(name: str, cfg, **options) -> dict:
         else:
             with console.stage(name, f"{cfg.name}-{name}") as shown:
                 summary = shown["result"] = importlib.import_module(STAGES[name][0]).run(cfg, store, **options)
-    except BaseException:
-        store.end("FAILED")
+    except BaseException as exc:
+        store.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")  # SIGTERM and Ctrl-C: KILLED
         raise
     store.end("FINISHED")
     return summary
@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ui":
             return ui(cfg, args.port)
         cfg.require(args.command)
+        from cai_ray.runtime import stop_on_sigterm
+
+        stop_on_sigterm(cfg.runtime.stop_timeout_s)  # `ray job stop`, a preempted node: see runtime.py
         return _run_captured(args, cfg)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         if os.environ.get("CAI_RAY_DEBUG"):
@@ -153,10 +156,18 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         console.error(f"cai-ray: error: {message}{_log_hint()}")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from cai_ray.runtime import STOPPED_EXIT, Stopped, stopping_for
+
+        if isinstance(exc, Stopped):
+            console.error(f"cai-ray: stopped by SIGTERM at a safe point after {stopping_for() or 0:.1f}s; every "
+                          f"part written is whole; rerun the same command to resume{_log_hint()}")
+            return STOPPED_EXIT
         console.error(f"cai-ray: interrupted; rerun the same command to resume{_log_hint()}")
         return 130
     finally:
+        if "cai_ray.runtime" in sys.modules:
+            sys.modules["cai_ray.runtime"].restore_sigterm()
         console.release()
 
 

@@ -19,6 +19,7 @@ from cai_ray.constitution import (
 from cai_ray.constitution.pairs import step_finishes
 from cai_ray.data.prompts import load_prompts
 from cai_ray.evaluation.sets import check_training_prompts
+from cai_ray.locks import hold
 from cai_ray.tracking import Store, write_atomic
 
 # Each step keeps its finish: stop, length (cut at max_new_tokens), empty or error.  These
@@ -54,8 +55,12 @@ def _write_part(chains: Path, table: pa.Table) -> None:
     # Rename is atomic: a SIGKILL leaves either a whole part or a temp file.
     name = f"part-{time.time_ns()}-{os.getpid()}.parquet"
     tmp = chains / f".{name}.tmp"
-    pq.write_table(table.select(CHAIN_SCHEMA.names).cast(CHAIN_SCHEMA), tmp)
-    os.replace(tmp, chains / name)
+    try:
+        pq.write_table(table.select(CHAIN_SCHEMA.names).cast(CHAIN_SCHEMA), tmp)
+        os.replace(tmp, chains / name)
+    except BaseException:  # SIGTERM (runtime.Stopped) or a full disk cut the write short
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) -> dict:
@@ -171,8 +176,16 @@ def run(cfg: Config, store: Store) -> dict:
     resolve_model_path(cfg.model)  # a bad model path fails here, not inside an actor
     rows, data_stats, constitution_hash = _prepare(cfg)
     out = stage_dir(cfg, "generate")
+    if (out / "manifest.json").exists():
+        return json.loads((out / "manifest.json").read_text())
+    with hold(out, cfg.runtime.lock_lease_s):
+        return _generate(cfg, store, out, rows, data_stats, constitution_hash)
+
+
+def _generate(cfg: Config, store: Store, out: Path, rows: list[dict], data_stats: dict,
+              constitution_hash: str) -> dict:
     manifest_path = out / "manifest.json"
-    if manifest_path.exists():
+    if manifest_path.exists():  # finished by a driver that held the lock just before us
         return json.loads(manifest_path.read_text())
     chains = out / "chains"
     chains.mkdir(parents=True, exist_ok=True)
