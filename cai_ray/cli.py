@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         from cai_ray.runtime import STOPPED_EXIT, Stopped, stopping_for
 
-        if isinstance(exc, Stopped):
+        if isinstance(exc, Stopped) or stopping_for() is not None:  # ray.get re-raises it as a KeyboardInterrupt
             console.error(f"cai-ray: stopped by SIGTERM at a safe point after {stopping_for() or 0:.1f}s; every "
                           f"part written is whole; rerun the same command to resume{_log_hint()}")
             return STOPPED_EXIT

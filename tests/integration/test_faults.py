@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[2]
 STOP_S = 45
+N = 40
 
 
 def cai(*args, timeout=400):
@@ -58,7 +59,7 @@ def _sigterm(proc) -> tuple[int, list[str], float]:
 def test_generate_refuses_a_second_driver_then_stops_on_sigterm_and_resumes(tmp_path, tiny_base):
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"How do I calm my neighbour's dog {i}?"}) + "\n"
-                            for i in range(40)))
+                            for i in range(N)))
     args = ["generate", "configs/quickstart.yaml", f"model.path={tiny_base}", f"output_dir={tmp_path / 'out'}",
             f"data.source={data}", "runtime.num_cpus=2", "generate.rounds=1", "generate.few_shot=1",
             "generate.batch_size=4", "generate.actors=1", "generate.sampling.max_new_tokens=6",
@@ -70,7 +71,10 @@ def test_generate_refuses_a_second_driver_then_stops_on_sigterm_and_resumes(tmp_
     holder = json.loads((out / ".lock").read_text())
     assert holder["pid"] == proc.pid
 
+    # Paused, so it is surely still the holder while the second driver starts (tens of seconds here).
+    proc.send_signal(signal.SIGSTOP)
     second = cai(*args)
+    proc.send_signal(signal.SIGCONT)
     assert second.returncode == 2
     (line,) = second.stderr.strip().splitlines()
     assert line.startswith(f"cai-ray: error: {out} is in use by another cai-ray driver (host {holder['host']} "
@@ -83,13 +87,13 @@ def test_generate_refuses_a_second_driver_then_stops_on_sigterm_and_resumes(tmp_
     assert not (out / "manifest.json").exists() and not (out / ".lock").exists()
     assert not list((out / "chains").glob(".*")), "no temp file left"
     before = Counter(pq.read_table(out / "chains", columns=["id"]).column("id").to_pylist())
-    assert 0 < sum(before.values()) < 40 and set(before.values()) == {1}
-    print(f"SIGTERM: generate stopped in {took:.1f}s with {sum(before.values())} of 40 rows written")
+    assert 0 < sum(before.values()) < N and set(before.values()) == {1}
+    print(f"SIGTERM: generate stopped in {took:.1f}s with {sum(before.values())} of {N} rows written")
 
     done = cai(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     ids = Counter(pq.read_table(out / "chains", columns=["id"]).column("id").to_pylist())
-    assert len(ids) == 40 and set(ids.values()) == {1}
+    assert len(ids) == N and set(ids.values()) == {1}
     assert json.loads((out / "manifest.json").read_text())["resumed_rows"] == sum(before.values())
 
 
