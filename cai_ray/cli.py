@@ -8,6 +8,7 @@ stage module exposes ``run(cfg, store) -> dict`` and a one-line ``__doc__``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -155,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
             console.error(traceback.format_exc().rstrip())
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         console.error(f"cai-ray: error: {message}{_log_hint()}")
+        return 2
+    except OSError as exc:  # a full disk, a folder where a file should be, ...: name the path, no traceback
+        if os.environ.get("CAI_RAY_DEBUG"):
+            console.error(traceback.format_exc().rstrip())
+        where = f"{exc.filename}: " if exc.filename else ""
+        what = os.strerror(exc.errno) if exc.errno else str(exc).strip().splitlines()[0]
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        hint = "; free space there and rerun the same command to resume" if full else ""
+        console.error(f"cai-ray: error: {where}{what}{hint}{_log_hint()}")
         return 2
     except KeyboardInterrupt as exc:
         from cai_ray.runtime import STOPPED_EXIT, Stopped, stopping_for

@@ -38,17 +38,29 @@ REASONS = (*quality.FILTERS, "unrevised", "empty", "truncated", "truncated_initi
 PROGRESS_EVERY = 256
 
 
-def _done_ids(chains: Path) -> set[str]:
-    """Ids already written by an earlier (possibly killed) run; half-written temp files are dropped."""
+def _done_ids(chains: Path) -> tuple[set[str], int]:
+    """Ids already written by an earlier (possibly killed) run, and how many parts could not be read.
+
+    Half-written temp files are dropped.  A part that cannot be read (cut short by a failing disk or
+    a copy) is never taken as data: it is moved aside as ``.unreadable-*`` and its rows are redone."""
     done: set[str] = set()
+    unreadable = 0
     for tmp in chains.glob(".*.tmp"):
         tmp.unlink()
     for part in sorted(chains.glob("part-*.parquet")):
-        if not pq.read_schema(part).remove_metadata().equals(CHAIN_SCHEMA):
+        try:
+            schema = pq.read_schema(part)
+            ids = pq.read_table(part, columns=["id"]).column("id").to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            console.say(f"   {part.name}: unreadable ({str(exc).splitlines()[0][:120]}); its rows are redone")
+            os.replace(part, part.with_name(f".unreadable-{part.name}"))
+            unreadable += 1
+            continue
+        if not schema.remove_metadata().equals(CHAIN_SCHEMA):
             raise ValueError(f"{part}: chains written with another schema (an older cai_ray?); move "
                              f"{chains.parent} aside to generate afresh rather than mix the two")
-        done.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
-    return done
+        done.update(ids)
+    return done, unreadable
 
 
 def _write_part(chains: Path, table: pa.Table) -> None:
@@ -58,7 +70,10 @@ def _write_part(chains: Path, table: pa.Table) -> None:
     try:
         pq.write_table(table.select(CHAIN_SCHEMA.names).cast(CHAIN_SCHEMA), tmp)
         os.replace(tmp, chains / name)
-    except BaseException:  # SIGTERM (runtime.Stopped) or a full disk cut the write short
+    except OSError as exc:  # a full disk: name the file (pyarrow's errors name none)
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, os.strerror(exc.errno) if exc.errno else str(exc), str(tmp)) from None
+    except BaseException:  # SIGTERM (runtime.Stopped) cut the write short
         tmp.unlink(missing_ok=True)
         raise
 
@@ -190,7 +205,7 @@ def _generate(cfg: Config, store: Store, out: Path, rows: list[dict], data_stats
     chains = out / "chains"
     chains.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", to_yaml(cfg))
-    done = _done_ids(chains)
+    done, unreadable = _done_ids(chains)
     todo = [{"id": r["id"], "prompt": r["prompt"], "purpose": r["purpose"]} for r in rows if r["id"] not in done]
     if done:
         console.say(f"   resuming: {len(done)} of {len(rows)} prompts done earlier, {len(todo)} to go")
@@ -202,7 +217,7 @@ def _generate(cfg: Config, store: Store, out: Path, rows: list[dict], data_stats
     summary = _finalize(cfg, out, table)
     summary.update(stage="generate", output=str(out), config_hash=stage_hash(cfg, "generate"),
                    constitution_hash=constitution_hash, data=data_stats, mlflow_run_id=store.run_id,
-                   resumed_rows=len(done), generated_rows=run_stats["rows"],
+                   resumed_rows=len(done), unreadable_parts=unreadable, generated_rows=run_stats["rows"],
                    seconds=round(run_stats["seconds"], 2),
                    rows_per_s=round(run_stats["rows"] / max(run_stats["seconds"], 1e-9), 3),
                    completion_tokens=run_stats["completion_tokens"])

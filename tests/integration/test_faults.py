@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 STOP_S = 45
@@ -120,3 +121,57 @@ def test_sft_stops_on_sigterm_and_the_rerun_continues_from_its_checkpoint(tmp_pa
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["steps"] == 10 and manifest["resumed_from_step"] >= 2
     print(f"SIGTERM: sft stopped in {took:.1f}s, resumed from step {manifest['resumed_from_step']}")
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
+def test_full_disk_is_one_line_naming_the_path_and_the_resume_redoes_an_unreadable_part(tmp_path, tiny_base):
+    """The generate stage's folder on a tmpfs nearly full: the run stops with one line naming the part it
+    could not write; once space is freed the rerun finishes, and a part cut short (planted here, as a
+    failing disk or copy leaves one) is moved aside and its rows redone, counted in the manifest."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Is it fine to borrow my neighbour's ladder {i}?"}) + "\n"
+                            for i in range(24)))
+    args = ["generate", "configs/quickstart.yaml", f"model.path={tiny_base}", f"output_dir={tmp_path / 'out'}",
+            f"data.source={data}", "runtime.num_cpus=2", "generate.rounds=1", "generate.few_shot=1",
+            "generate.batch_size=4", "generate.actors=1", "generate.sampling.max_new_tokens=6",
+            "generate.sampling.min_new_tokens=2", "evaluate.sets=[{source: samples:red_team_eval}]"]
+    disk = tmp_path / "out" / "generate"
+    _mount_tmpfs(disk, "1m")
+    try:
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        ballast = disk / "ballast"
+        ballast.write_bytes(b"\0" * (free - 24 * 1024))  # room for config.yaml and a few parts
+        full = cai(*args)
+        assert full.returncode == 2, full.stderr[-2000:]
+        (line,) = full.stderr.strip().splitlines()
+        assert line.startswith(f"cai-ray: error: {disk}/") and "No space left on device; free space there and " \
+               "rerun the same command to resume" in line, line
+        (out,) = [p for p in disk.iterdir() if p.is_dir()]
+        assert not (out / "manifest.json").exists()
+        assert not [p for p in (out / "chains").glob(".*")], "no temp file left"
+        parts = sorted((out / "chains").glob("part-*.parquet"))
+        assert parts, "some parts fit before the disk filled"
+        before = pq.read_table(out / "chains", columns=["id"]).num_rows
+
+        ballast.unlink()
+        cut = parts[0].read_bytes()
+        (out / "chains" / "part-0-cut.parquet").write_bytes(cut[: len(cut) // 2])
+        done = cai(*args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        ids = Counter(pq.read_table(out / "chains", columns=["id"]).column("id").to_pylist())
+        assert len(ids) == 24 and set(ids.values()) == {1}
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["unreadable_parts"] == 1 and manifest["resumed_rows"] == before
+        assert (out / "chains" / ".unreadable-part-0-cut.parquet").exists()
+        print(f"full disk: stopped after {before} rows; rerun redid 1 unreadable part, 24 ids once")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
