@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ui":
             return ui(cfg, args.port)
         cfg.require(args.command)
-        from cai_ray.runtime import stop_on_sigterm
+        from cai_ray.runtime import check_folders, stop_on_sigterm
 
+        check_folders(cfg)  # before the log folder is made under output_dir
         stop_on_sigterm(cfg.runtime.stop_timeout_s)  # `ray job stop`, a preempted node: see runtime.py
         return _run_captured(args, cfg)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:

@@ -107,6 +107,8 @@ def check_model(key: str, model: Any, offline: bool) -> str:
     """A local folder with weights config and tokenizer, or a hub id that resolves; else one line."""
     path = str(model.path or "")
     local = Path(path).expanduser()
+    if local.is_file():
+        raise ValueError(f"{key}={path}: is a file; expected a model folder (config.json and a tokenizer)")
     if local.is_dir():
         if not (local / "config.json").is_file() or not any((local / f).is_file() for f in TOKENIZER_FILES):
             raise ValueError(f"{key}={path}: folder has no config.json or no tokenizer file; "
@@ -140,6 +142,14 @@ def _check_hub(key: str, repo: str, revision: str | None, offline: bool) -> str:
     if "config.json" not in files or not files & set(TOKENIZER_FILES):
         raise ValueError(f"{key}={repo}: the hub repo has no config.json or no tokenizer file")
     return repo
+
+
+def check_folders(cfg: Any) -> None:
+    """Folders a command writes in must not be files (else a traceback from deep inside Ray or MLflow)."""
+    for key, given in (("output_dir", cfg.output_dir), ("runtime.storage_path", cfg.runtime.storage_path),
+                       ("runtime.temp_dir", cfg.runtime.temp_dir)):
+        if given and "://" not in given and Path(given).expanduser().is_file():
+            raise ValueError(f"{key}={given}: is a file; expected a folder (or a path to create one at)")
 
 
 def preflight(cfg: Any, command: str) -> list[str]:

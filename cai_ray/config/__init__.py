@@ -173,7 +173,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
+            raise ConfigError(f"config file {p} " + ("is a folder; give a YAML file" if p.is_dir() else "does not exist"))
         try:
             layers.append(OmegaConf.load(p))
         except Exception as exc:  # yaml syntax errors carry multi-line context
