@@ -17,6 +17,13 @@ Each backend's engine runs in the replica (vLLM: its engine process beside it). 
 average is printed: the machine's other work moves every row, so compare rows of one run.
 
 Run:  python bench/judge.py [--requests 120] [--concurrency 32] [--max-new-tokens 64] [--backend hf|vllm]
+
+Flood (``--flood``): ``--requests`` (e.g. 2000) rows through ``JudgeClient`` over HTTP at each of
+``--flood-levels`` client concurrencies, against a judge whose queue holds ``--max-queued`` requests:
+past it Serve answers 503 and the client retries with backoff.  Per level: wall time, rows/s,
+p50/p99 of a row's latency (its retries included), 503s answered, rows lost, ids seen twice.
+
+      python bench/judge.py --flood --requests 2000 --flood-levels 64,128,256 --max-new-tokens 8
 """
 
 from __future__ import annotations
@@ -131,6 +138,53 @@ def _measure(args, judge) -> tuple[list[tuple], list[dict]]:
     return table, scored
 
 
+def _flood(args, judge) -> list[tuple]:
+    """(concurrency, wall s, rows/s, p50 s, p99 s, 503s, lost, doubled) per flood level."""
+    from collections import Counter
+
+    from cai_ray.judge.client import JudgeClient
+    from cai_ray.judge.serve import start_judge
+
+    url = start_judge(judge)
+    statuses: Counter = Counter()
+
+    class Counting(JudgeClient):
+        def _send(self, payload):
+            body = super()._send(payload)
+            statuses[body.get("status", 200)] += 1
+            return body
+
+    reply = "I would rather not help with that."
+    table = []
+    for level in args.flood_levels:
+        rows = [{"rubric": "harmful", "prompt": f"flood request {i}", "response": reply, "id": f"{level}-{i}"}
+                for i in range(args.requests)]
+        client = Counting(url=url, max_in_flight=level, backoff_s=0.2, retries=12)
+        client.score_one({**rows[0], "id": "warm-up"})  # first calls pay for lazy initialisation
+        statuses.clear()
+        got: list[dict] = []
+        wall, lat = _timed(lambda row: got.append(client.score_one(row)), rows, level)
+        ids = Counter(r["id"] for r in got if not r["failed"])
+        lost = len(rows) - len(ids)
+        doubled = sum(n > 1 for n in ids.values())
+        table.append((level, wall, len(rows) / wall, statistics.median(lat), _percentile(lat, 0.99),
+                      statuses[503], lost, doubled))
+    return table
+
+
+def _print_flood(args, judge, table) -> None:
+    print(f"\njudge flood: tiny chat judge ({args.backend}), {args.requests} requests per level over HTTP "
+          f"through JudgeClient, {judge.replicas} replica(s) x {judge.num_cpus:g} CPU, "
+          f"judge.max_ongoing_requests={judge.max_ongoing_requests}, "
+          f"judge.max_queued_requests={judge.max_queued_requests}, max_new_tokens={args.max_new_tokens}, "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"{'concurrent':>10}{'wall s':>8}{'rows/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'503s':>7}{'lost':>6}"
+          f"{'twice':>7}")
+    for level, wall, rps, p50, p99, refused, lost, doubled in table:
+        print(f"{level:>10}{wall:>8.1f}{rps:>8.1f}{p50 * 1000:>9.0f}{p99 * 1000:>9.0f}{refused:>7}{lost:>6}"
+              f"{doubled:>7}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=120)
@@ -140,10 +194,24 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="the judge config's default")
     parser.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     parser.add_argument("--port", type=int, default=18431)
+    parser.add_argument("--flood", action="store_true", help="the back-pressure flood instead (see above)")
+    parser.add_argument("--flood-levels", type=lambda text: [int(x) for x in text.split(",")],
+                        default=[64, 128, 256], help="client concurrencies, comma-separated")
+    parser.add_argument("--max-queued", type=int, default=32, help="judge.max_queued_requests for --flood")
+    parser.add_argument("--replicas", type=int, default=1)
     args = parser.parse_args()
     # Ray first: init_ray sets the loopback environment before anything imports ray.
     judge = _setup(args, Path(tempfile.mkdtemp(prefix="cai-bench-judge-"))).judge
     from ray import serve
+
+    if args.flood:
+        judge.max_queued_requests, judge.max_ongoing_requests = args.max_queued, args.batch
+        judge.replicas = args.replicas
+        try:
+            _print_flood(args, judge, _flood(args, judge))
+        finally:
+            serve.shutdown()
+        return
 
     try:
         table, scored = _measure(args, judge)

@@ -8,6 +8,7 @@ stage module exposes ``run(cfg, store) -> dict`` and a one-line ``__doc__``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -133,8 +134,8 @@ def run_command(name: str, cfg, **options) -> dict:
         else:
             with console.stage(name, f"{cfg.name}-{name}") as shown:
                 summary = shown["result"] = importlib.import_module(STAGES[name][0]).run(cfg, store, **options)
-    except BaseException:
-        store.end("FAILED")
+    except BaseException as exc:
+        store.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")  # SIGTERM and Ctrl-C: KILLED
         raise
     store.end("FINISHED")
     return summary
@@ -162,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             _call("cai_ray.stages.judge:agreement", cfg, args.run)
             return 0
         cfg.require(args.command)
+        from cai_ray.runtime import check_folders, stop_on_sigterm
+
+        check_folders(cfg)  # before the log folder is made under output_dir
+        stop_on_sigterm(cfg.runtime.stop_timeout_s)  # `ray job stop`, a preempted node: see runtime.py
         return _run_captured(args, cfg)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         if os.environ.get("CAI_RAY_DEBUG"):
@@ -169,10 +174,27 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         console.error(f"cai-ray: error: {message}{_log_hint()}")
         return 2
-    except KeyboardInterrupt:
+    except OSError as exc:  # a full disk, a folder where a file should be, ...: name the path, no traceback
+        if os.environ.get("CAI_RAY_DEBUG"):
+            console.error(traceback.format_exc().rstrip())
+        where = f"{exc.filename}: " if exc.filename else ""
+        what = os.strerror(exc.errno) if exc.errno else str(exc).strip().splitlines()[0]
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        hint = "; free space there and rerun the same command to resume" if full else ""
+        console.error(f"cai-ray: error: {where}{what}{hint}{_log_hint()}")
+        return 2
+    except KeyboardInterrupt as exc:
+        from cai_ray.runtime import STOPPED_EXIT, Stopped, stopping_for
+
+        if isinstance(exc, Stopped) or stopping_for() is not None:  # ray.get re-raises it as a KeyboardInterrupt
+            console.error(f"cai-ray: stopped by SIGTERM at a safe point after {stopping_for() or 0:.1f}s; every "
+                          f"part written is whole; rerun the same command to resume{_log_hint()}")
+            return STOPPED_EXIT
         console.error(f"cai-ray: interrupted; rerun the same command to resume{_log_hint()}")
         return 130
     finally:
+        if "cai_ray.runtime" in sys.modules:
+            sys.modules["cai_ray.runtime"].restore_sigterm()
         console.release()
 
 

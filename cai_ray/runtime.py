@@ -11,14 +11,22 @@ CPUs/GPUs plus the custom resources and node labels its config section names.
 Before a stage starts them, ``placement`` checks that the cluster can hold them
 all, waiting up to ``runtime.placement_timeout_s`` for an autoscaler, so a
 resource no node offers ends in one line instead of a stage waiting forever.
+
+Preemption: ``ray job stop`` and a node being reclaimed send the driver SIGTERM.
+``stop_on_sigterm`` turns it into ``Stopped`` in the driver's main thread, wherever the
+stage is: every part, checkpoint and manifest is written to a temp name and renamed, so any
+point is a safe one (a temp file a stop cuts short is deleted).  A watchdog ends the process
+after ``runtime.stop_timeout_s`` if cleanup (Ray shutdown, MLflow) hangs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -101,6 +109,8 @@ def check_model(key: str, model: Any, offline: bool) -> str:
     local = Path(path).expanduser()
     if path.endswith(".gguf") and local.is_file():  # converted to a folder when loaded (engines/gguf.py)
         return str(local.resolve())
+    if local.is_file():
+        raise ValueError(f"{key}={path}: is a file; expected a model folder (config.json and a tokenizer)")
     if local.is_dir():
         if not (local / "config.json").is_file() or not any((local / f).is_file() for f in TOKENIZER_FILES):
             raise ValueError(f"{key}={path}: folder has no config.json or no tokenizer file; "
@@ -136,6 +146,14 @@ def _check_hub(key: str, repo: str, revision: str | None, offline: bool) -> str:
     return repo
 
 
+def check_folders(cfg: Any) -> None:
+    """Folders a command writes in must not be files (else a traceback from deep inside Ray or MLflow)."""
+    for key, given in (("output_dir", cfg.output_dir), ("runtime.storage_path", cfg.runtime.storage_path),
+                       ("runtime.temp_dir", cfg.runtime.temp_dir)):
+        if given and "://" not in given and Path(given).expanduser().is_file():
+            raise ValueError(f"{key}={given}: is a file; expected a folder (or a path to create one at)")
+
+
 def preflight(cfg: Any, command: str) -> list[str]:
     """Before any actor starts: hub setting applied, every model the command loads resolvable."""
     apply_hub_env(cfg)
@@ -143,6 +161,59 @@ def preflight(cfg: Any, command: str) -> list[str]:
         check_local_gpus(cfg, command)
     offline = hub_offline(cfg)
     return [check_model(key, model, offline) for key, model in _models(cfg, command)]
+
+
+# ---------------------------------------------------------------- SIGTERM
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM arrived; a KeyboardInterrupt so libraries clean up as they do on Ctrl-C."""
+
+
+_stop: dict[str, Any] = {"timeout_s": None, "at": None, "previous": None, "done": threading.Event()}
+STOPPED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+
+
+def stop_on_sigterm(timeout_s: float) -> None:
+    """Until ``restore_sigterm``, SIGTERM raises ``Stopped`` and the process exits within ``timeout_s``."""
+    _stop.update(timeout_s=timeout_s, at=None, previous=signal.getsignal(signal.SIGTERM), done=threading.Event())
+    _install_sigterm()
+
+
+def restore_sigterm() -> None:
+    """The command is over (e.g. ``main()`` called in a test process): the previous handler, no watchdog."""
+    _stop["done"].set()
+    if _stop["timeout_s"] is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop["previous"] or signal.SIG_DFL)
+    _stop["timeout_s"] = None
+
+
+def _install_sigterm() -> None:
+    # ray.init installs its own SIGTERM handler (sys.exit); init_ray calls this again after it.
+    if _stop["timeout_s"] is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _stop["at"] is not None:
+        return  # already stopping; the watchdog bounds it
+    _stop["at"] = time.monotonic()
+    threading.Thread(target=_watchdog, args=(_stop["timeout_s"], _stop["done"]), daemon=True,
+                     name="stop-watchdog").start()
+    raise Stopped("stopped by SIGTERM; rerun the same command to resume")
+
+
+def _watchdog(timeout_s: float, done: threading.Event) -> None:
+    if done.wait(timeout_s):
+        return
+    console.error(f"cai-ray: stopped by SIGTERM; cleanup took longer than runtime.stop_timeout_s={timeout_s:g}, "
+                  f"exiting now; every written part is whole: rerun the same command to resume")
+    os._exit(STOPPED_EXIT)
+
+
+def stopping_for() -> float | None:
+    """Seconds since SIGTERM arrived, or None."""
+    return None if _stop["at"] is None else time.monotonic() - _stop["at"]
 
 
 # ---------------------------------------------------------------- Ray
@@ -195,6 +266,7 @@ def init_ray(cfg: Any, **overrides: Any) -> dict[str, str]:
         # keeps its working_dir and pip, ours adds the workers' environment.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **overrides)
+        _install_sigterm()
         console.route_worker_output()
         return env
     kwargs: dict[str, Any] = dict(address="local", num_cpus=cfg.runtime.num_cpus,
@@ -204,6 +276,7 @@ def init_ray(cfg: Any, **overrides: Any) -> dict[str, str]:
         kwargs["_node_ip_address"] = "127.0.0.1"
     kwargs.update(overrides)
     ray.init(**kwargs)
+    _install_sigterm()
     # Worker output still reaches this process (log_to_driver), but into the command's log file.
     console.route_worker_output()
     return env

@@ -363,6 +363,37 @@ def _check_server(uri: str, attempts: int = 3) -> None:
                        f"jobs/mlflow_server.sh on the head) or fix tracking.uri")
 
 
+def _check_credentials(uri: str) -> None:
+    """A server with MLflow's basic auth (jobs/mlflow_server.sh) refuses a client without its user and
+    password: one line now, not a retried 401 from every call.  The credentials are MLflow's own:
+    MLFLOW_TRACKING_USERNAME/PASSWORD or ~/.mlflow/credentials, read by its client in every process."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    creds = read_mlflow_creds()
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
+    if creds.username and creds.password:
+        token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        urllib.request.urlopen(request, timeout=10).close()
+    except urllib.error.HTTPError as exc:
+        how = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or write them to "
+               "~/.mlflow/credentials (see jobs/mlflow_server.sh)")
+        if exc.code == 401:
+            given = f"user {creds.username!r} was refused" if creds.username else "no credentials were given"
+            raise RuntimeError(f"tracking.uri={uri}: the MLflow server asks for a user and password and "
+                               f"{given}; {how}") from None
+        if exc.code == 403:
+            raise RuntimeError(f"tracking.uri={uri}: user {creds.username!r} may not read experiments on this "
+                               f"MLflow server; ask its admin for access") from None
+    except (urllib.error.URLError, OSError):
+        pass  # /health answered: let MLflow's own retries deal with a passing network error
+
+
 def open_store(cfg: Any, name: str, tags: dict[str, Any] | None = None) -> Store:
     """The top-level store for a command: MLflow unless tracking is disabled.
 
@@ -379,6 +410,7 @@ def open_store(cfg: Any, name: str, tags: dict[str, Any] | None = None) -> Store
                            f"(or tracking.enabled=false for commands that write nothing else)") from None
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
+        _check_credentials(uri)
     t = cfg.tracking
     try:
         store = retrying(lambda: MlflowStore.start(uri, t.experiment, name, tags,
@@ -456,10 +488,16 @@ def write_atomic(path: Path, text: str) -> None:
     """Write via a temp file and rename so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    # mkstemp makes owner-only files; outputs are meant to be read by the team.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        # mkstemp makes owner-only files; outputs are meant to be read by the team.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException as exc:  # a full disk or a stop: no temp file left behind, the error names the file
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise

@@ -78,11 +78,19 @@ class RuntimeConfig:
     # A stage whose actors/workers no node can host (a resource or label nobody offers)
     # fails after waiting this long for the cluster (or its autoscaler) to provide them.
     placement_timeout_s: float = 600.0
+    # SIGTERM (`ray job stop`, a preempted node): each stage stops at its next safe point and the
+    # command exits within this many seconds, killed hard if cleanup takes longer.
+    stop_timeout_s: float = 60.0
+    # A stage folder's lock (cai_ray/locks.py) is refreshed every lock_lease_s / 4; a holder on
+    # another host that has not refreshed it for lock_lease_s is taken to be gone.
+    lock_lease_s: float = 120.0
 
     def validate(self, key: str = "runtime") -> None:
         if self.num_cpus is not None:
             _positive(f"{key}.num_cpus", self.num_cpus)
         _positive(f"{key}.placement_timeout_s", self.placement_timeout_s, zero_ok=True)
+        _positive(f"{key}.stop_timeout_s", self.stop_timeout_s)
+        _positive(f"{key}.lock_lease_s", self.lock_lease_s)
 
 
 @dataclass
@@ -167,7 +175,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
+            raise ConfigError(f"config file {p} " + ("is a folder; give a YAML file" if p.is_dir() else "does not exist"))
         try:
             layers.append(OmegaConf.load(p))
         except Exception as exc:  # yaml syntax errors carry multi-line context

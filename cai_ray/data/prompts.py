@@ -34,7 +34,7 @@ import re
 import unicodedata
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from ..config import PURPOSES, DataConfig, subset_purpose
 
@@ -141,10 +141,20 @@ def _file_part(path: Path):
             raise DataError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            return (str(path), *jsonl_columns(fh, str(path)))
-    except (UnicodeDecodeError, OSError) as exc:
-        raise DataError(f"{path}: cannot read as UTF-8 jsonl ({exc})") from None
+        with opener(path, "rb") as fh:
+            return (str(path), *jsonl_columns(_utf8_lines(fh, path), str(path)))
+    except OSError as exc:  # a gzip file that is not one, a read error
+        raise DataError(f"{path}: cannot read as jsonl ({exc.strerror or exc})") from None
+
+
+def _utf8_lines(fh, path: Path) -> Iterator[str]:
+    """Decoded lines; bytes that are not UTF-8 fail naming the line, not a traceback."""
+    for n, raw in enumerate(fh, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: line {n} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte "
+                            f"{exc.start + 1} of the line); re-save the file as UTF-8") from None
 
 
 def sample_names() -> list[str]:
@@ -308,6 +318,9 @@ def _part_rows(part, data: DataConfig, field: str, source: str, counts: dict) ->
         where = f"line {lines[i]}" if lines is not None else f"row {i}"
         if text is not None and not isinstance(text, str):
             raise DataError(f"{name}: {where}: column {field!r} is {type(text).__name__}, not a string")
+        if text is not None and not _encodable(text):
+            raise DataError(f"{name}: {where}: column {field!r} has text that cannot be encoded as UTF-8 "
+                            f"(a lone surrogate such as \\ud800, often from a broken JSON escape)")
         purpose = data.purpose if purposes[i] is None else purposes[i]
         if purpose not in PURPOSES:
             raise DataError(f"{name}: {where}: column 'purpose' is {purpose!r}; use harm or helpful")
@@ -325,6 +338,14 @@ def _part_rows(part, data: DataConfig, field: str, source: str, counts: dict) ->
         row.update(zip(out_names, (v[i] for v in extra_values)))
         rows.append(row)
     return rows
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def load_prompts(data: DataConfig, base_dir: Optional[str | Path] = None,

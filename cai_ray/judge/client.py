@@ -9,14 +9,18 @@ Every row comes back, in order, as exactly one of:
           a verdict that did not parse stays parse_ok=False with value None);
   failed  failed=True: no verdict was obtained; ``error`` says why (a rejected
           request, or the judge unreachable after every retry).
-Lost replicas, backpressure and timeouts are retried with backoff, so a replica
-killed mid-evaluation costs time, not rows.  A rejected request (4xx) is never
+Lost replicas, backpressure and timeouts are retried with jittered backoff, so a replica
+killed mid-evaluation costs time, not rows.  Backpressure is Serve's own: past a replica's
+``judge.max_ongoing_requests`` requests wait in its queue, and past ``judge.max_queued_requests``
+Serve answers 503 at once (a handle raises BackPressureError); nothing ran, so a retry never
+scores a row twice.  A rejected request (4xx) is never
 retried: the same request would be rejected again.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 import urllib.error
 import urllib.request
@@ -75,7 +79,8 @@ class JudgeClient:
             error = f"{body['error']} (status {body['status']})"
             if body["status"] not in RETRYABLE:
                 break
-            time.sleep(min(self.backoff_s * 2 ** (attempt - 1), 10.0))
+            # Jittered: clients turned away by one full queue must not all come back at once.
+            time.sleep(min(self.backoff_s * 2 ** (attempt - 1), 10.0) * random.uniform(0.5, 1.0))
         return {"id": payload.get("id"), "rubric": payload.get("rubric"), "value": None, "parse_ok": False,
                 "raw": None, "error": error, "fields": {}, "failed": True, "attempts": attempt}
 

@@ -71,6 +71,12 @@ def parse_request(payload: Any, max_chars: int) -> JudgeRequest:
     raw = isinstance(payload, (bytes, bytearray))
     if raw and len(payload) > max_chars * _BODY_BYTES_PER_CHAR + _BODY_SLACK:
         raise RequestError(413, f"body has {len(payload)} bytes; judge.max_request_chars is {max_chars}")
+    if raw:
+        try:
+            bytes(payload).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(400, f"body is not valid UTF-8 (byte 0x{payload[exc.start]:02x} at offset "
+                                    f"{exc.start}); send JSON encoded as UTF-8") from None
     try:
         req = JudgeRequest.model_validate_json(payload) if raw else JudgeRequest.model_validate(payload)
     except ValidationError as exc:

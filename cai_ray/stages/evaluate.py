@@ -32,6 +32,7 @@ from cai_ray.evaluation.rating import judge_scope, rate
 from cai_ray.evaluation.report import build_report
 from cai_ray.evaluation.sets import check_heldout, load_eval_sets
 from cai_ray.evaluation.traces import trace_records
+from cai_ray.locks import hold
 from cai_ray.tracking import Store, stage_run, write_atomic
 
 RATING_COLUMNS = [
@@ -154,8 +155,6 @@ def run(cfg: Config, store: Store, loaded: tuple | None = None) -> dict:
 
     ``loaded``: ``load_sets(cfg)`` done once by a caller evaluating many points on the same sets.
     """
-    from cai_ray.runtime import init_ray
-
     items, sets, train_checked, arms = prepare(cfg, loaded)
     upstream = (json.dumps(asdict(cfg.generate.quality), sort_keys=True),
                 *(f"{n}:{a['adapter']}:{a['adapter_sha256']}" for n, a in arms.items()),
@@ -165,6 +164,13 @@ def run(cfg: Config, store: Store, loaded: tuple | None = None) -> dict:
         report = json.loads((out / "report.json").read_text())
         print(_with_agreement(out, render.summary_text(report, _header(cfg, report) + f" (finished earlier: {out})")))
         return _summary(report)
+    with hold(out, cfg.runtime.lock_lease_s):
+        return _evaluate(cfg, store, out, upstream, items, sets, train_checked, arms)
+
+
+def _evaluate(cfg: Config, store: Store, out: Path, upstream: tuple, items: list, sets, train_checked, arms) -> dict:
+    from cai_ray.runtime import init_ray
+
     started = time.monotonic()  # the evaluate's measured wall time, for the sweep's cost per point
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", to_yaml(cfg))

@@ -19,6 +19,7 @@ from cai_ray.constitution import (
 from cai_ray.constitution.pairs import step_finishes
 from cai_ray.data.prompts import load_prompts
 from cai_ray.evaluation.sets import check_training_prompts
+from cai_ray.locks import hold
 from cai_ray.tracking import Store, write_atomic
 
 # Each step keeps its finish: stop, length (cut at max_new_tokens), empty or error.  These
@@ -37,25 +38,44 @@ REASONS = (*quality.FILTERS, "unrevised", "empty", "truncated", "truncated_initi
 PROGRESS_EVERY = 256
 
 
-def _done_ids(chains: Path) -> set[str]:
-    """Ids already written by an earlier (possibly killed) run; half-written temp files are dropped."""
+def _done_ids(chains: Path) -> tuple[set[str], int]:
+    """Ids already written by an earlier (possibly killed) run, and how many parts could not be read.
+
+    Half-written temp files are dropped.  A part that cannot be read (cut short by a failing disk or
+    a copy) is never taken as data: it is moved aside as ``.unreadable-*`` and its rows are redone."""
     done: set[str] = set()
+    unreadable = 0
     for tmp in chains.glob(".*.tmp"):
         tmp.unlink()
     for part in sorted(chains.glob("part-*.parquet")):
-        if not pq.read_schema(part).remove_metadata().equals(CHAIN_SCHEMA):
+        try:
+            schema = pq.read_schema(part)
+            ids = pq.read_table(part, columns=["id"]).column("id").to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            console.say(f"   {part.name}: unreadable ({str(exc).splitlines()[0][:120]}); its rows are redone")
+            os.replace(part, part.with_name(f".unreadable-{part.name}"))
+            unreadable += 1
+            continue
+        if not schema.remove_metadata().equals(CHAIN_SCHEMA):
             raise ValueError(f"{part}: chains written with another schema (an older cai_ray?); move "
                              f"{chains.parent} aside to generate afresh rather than mix the two")
-        done.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
-    return done
+        done.update(ids)
+    return done, unreadable
 
 
 def _write_part(chains: Path, table: pa.Table) -> None:
     # Rename is atomic: a SIGKILL leaves either a whole part or a temp file.
     name = f"part-{time.time_ns()}-{os.getpid()}.parquet"
     tmp = chains / f".{name}.tmp"
-    pq.write_table(table.select(CHAIN_SCHEMA.names).cast(CHAIN_SCHEMA), tmp)
-    os.replace(tmp, chains / name)
+    try:
+        pq.write_table(table.select(CHAIN_SCHEMA.names).cast(CHAIN_SCHEMA), tmp)
+        os.replace(tmp, chains / name)
+    except OSError as exc:  # a full disk: name the file (pyarrow's errors name none)
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, os.strerror(exc.errno) if exc.errno else str(exc), str(tmp)) from None
+    except BaseException:  # SIGTERM (runtime.Stopped) cut the write short
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) -> dict:
@@ -171,13 +191,21 @@ def run(cfg: Config, store: Store) -> dict:
     resolve_model_path(cfg.model)  # a bad model path fails here, not inside an actor
     rows, data_stats, constitution_hash = _prepare(cfg)
     out = stage_dir(cfg, "generate")
+    if (out / "manifest.json").exists():
+        return json.loads((out / "manifest.json").read_text())
+    with hold(out, cfg.runtime.lock_lease_s):
+        return _generate(cfg, store, out, rows, data_stats, constitution_hash)
+
+
+def _generate(cfg: Config, store: Store, out: Path, rows: list[dict], data_stats: dict,
+              constitution_hash: str) -> dict:
     manifest_path = out / "manifest.json"
-    if manifest_path.exists():
+    if manifest_path.exists():  # finished by a driver that held the lock just before us
         return json.loads(manifest_path.read_text())
     chains = out / "chains"
     chains.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", to_yaml(cfg))
-    done = _done_ids(chains)
+    done, unreadable = _done_ids(chains)
     todo = [{"id": r["id"], "prompt": r["prompt"], "purpose": r["purpose"]} for r in rows if r["id"] not in done]
     if done:
         console.say(f"   resuming: {len(done)} of {len(rows)} prompts done earlier, {len(todo)} to go")
@@ -189,7 +217,7 @@ def run(cfg: Config, store: Store) -> dict:
     summary = _finalize(cfg, out, table)
     summary.update(stage="generate", output=str(out), config_hash=stage_hash(cfg, "generate"),
                    constitution_hash=constitution_hash, data=data_stats, mlflow_run_id=store.run_id,
-                   resumed_rows=len(done), generated_rows=run_stats["rows"],
+                   resumed_rows=len(done), unreadable_parts=unreadable, generated_rows=run_stats["rows"],
                    seconds=round(run_stats["seconds"], 2),
                    rows_per_s=round(run_stats["rows"] / max(run_stats["seconds"], 1e-9), 3),
                    completion_tokens=run_stats["completion_tokens"])

@@ -26,6 +26,7 @@ from cai_ray.constitution.feedback import (
 from cai_ray.constitution.format import conversation_prompt
 from cai_ray.data.prompts import load_prompts, prompt_id
 from cai_ray.evaluation.sets import check_training_prompts
+from cai_ray.locks import hold
 from cai_ray.tracking import Store, stage_run, write_atomic
 from cai_ray.train.sources import label_dir, read_rows
 from cai_ray.train.driver import output_dir
@@ -295,6 +296,12 @@ def run(cfg: Config, store: Store, check: bool = False) -> dict:
     out = label_dir(cfg)
     if (out / "manifest.json").exists():
         return json.loads((out / "manifest.json").read_text())
+    with hold(out, cfg.runtime.lock_lease_s):
+        return _label(cfg, store, out, constitution, models, rows, data_stats, check_rows)
+
+
+def _label(cfg: Config, store: Store, out: Path, constitution, models: tuple, rows: list[dict], data_stats: dict,
+           check_rows: list[dict]) -> dict:
     measured = None
     if check_rows:
         with stage_run(store, f"{cfg.name}-label-check", {"stage": "label-check"}) as child:

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from cai_ray import console
 from cai_ray.config import Config, stage_dir, stage_hash, to_yaml
+from cai_ray.locks import hold
 from cai_ray.tracking import Store, write_atomic
 from cai_ray.train.sources import sft_reads_generate
 
@@ -66,10 +67,11 @@ def summary(manifest: dict, skipped: bool) -> dict:
 def _run_name(cfg: Config, kind: str, out: Path) -> tuple[str, str]:
     """(Ray Train run name, storage path): the recorded pair when resuming, else a new name."""
     state = out / RUN_STATE
-    if cfg.train.resume and state.is_file():
+    recorded = json.loads(state.read_text()) if state.is_file() else {}
+    # A run stopped by SIGTERM (preemption, `ray job stop`) is continued without asking.
+    if recorded and (cfg.train.resume or recorded.get("stopped")):
         from cai_ray.train.loops import latest_state, world_size_mismatch
 
-        recorded = json.loads(state.read_text())
         # Checked before any worker starts: the folder fixes the global batch, not its split.
         latest = latest_state(recorded["storage_path"], recorded["name"])
         error = latest and world_size_mismatch(latest, cfg.train.workers)
@@ -103,6 +105,9 @@ def fit(cfg: Config, job: Any, out: Path):
     started = time.time()
     try:
         result = trainer.fit()
+    except KeyboardInterrupt:  # SIGTERM (runtime.Stopped) or Ctrl-C: the last checkpoint is the safe point
+        write_atomic(out / RUN_STATE, json.dumps({"name": name, "storage_path": storage, "stopped": True}) + "\n")
+        raise
     except Exception as exc:
         raise RuntimeError(f"{job.kind}: Ray Train run {name} failed after {train.max_failures} "
                            f"retries; {_failure_line(exc)} (worker logs: CAI_RAY_DEBUG=1 or the Ray "
@@ -200,6 +205,12 @@ def run_training(cfg: Config, store: Store, kind: str, rows: list[dict], out: Pa
     ``start`` is the SFT policy DPO starts from and uses as its reference: a PEFT
     adapter folder (merged into the base) or a full model folder.
     """
+    with hold(out, cfg.runtime.lock_lease_s):
+        return _run_training(cfg, store, kind, rows, out, inputs, start, extra)
+
+
+def _run_training(cfg: Config, store: Store, kind: str, rows: list[dict], out: Path, inputs: dict,
+                  start: Optional[str], extra: Optional[dict]) -> dict:
     import ray
 
     from cai_ray.engines.base import resolve_model_path

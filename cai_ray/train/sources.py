@@ -140,7 +140,8 @@ def _columns(source: str, key: str) -> tuple[str, dict[str, list], Optional[list
             return (source, *jsonl_columns(fh, f"{key}: {source}"))
     path = Path(source).expanduser()
     if not path.is_file():
-        raise ValueError(f"{key}={source}: file does not exist")
+        raise ValueError(f"{key}={source}: " + ("is a folder; give a .jsonl or .parquet file" if path.is_dir()
+                                                 else "file does not exist"))
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

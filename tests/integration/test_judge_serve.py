@@ -228,3 +228,43 @@ def test_vllm_judge_answers_concurrent_requests_as_the_hf_judge(judge, tiny_chat
             assert json.loads(health.read())["ok"] is True
     finally:
         stop_judge("judge-vllm")
+
+
+def test_flooded_judge_pushes_back_with_503_and_the_client_loses_and_doubles_nothing(judge, tmp_path_factory):
+    """300 requests at 64 concurrent on a replica that takes 4 at a time and queues 8 more: the rest are
+    503s (Serve's own back-pressure), retried with backoff by the client; every id comes back once.
+    Then malformed bodies (bad UTF-8 among them) each get a 4xx, and the flooded server still serves."""
+    cfg, _ = judge
+    small = _judge_cfg(tmp_path_factory.mktemp("judge-flood"), cfg.model.path, "instruct", cfg.port,
+                       "judge.max_ongoing_requests=4", "judge.max_queued_requests=8",
+                       "judge.sampling.max_new_tokens=4")
+    url = start_judge(small, app_name="judge-flood", route_prefix="/judge-flood")
+    statuses = []
+
+    class Counting(JudgeClient):
+        def _send(self, payload):
+            body = super()._send(payload)
+            statuses.append(body.get("status", 200))
+            return body
+
+    try:
+        rows = [{**ROWS[i % len(ROWS)], "id": f"f{i}"} for i in range(300)]
+        results = Counting(url=url, max_in_flight=64, backoff_s=0.2, retries=10).score(rows)
+        assert [r["id"] for r in results] == [r["id"] for r in rows]
+        assert not [r["error"] for r in results if r["failed"]]
+        assert 503 in statuses and set(statuses) <= {200, 503}
+        # One 200 per row: a refused request never ran, so its retry scores it once, not twice.
+        assert statuses.count(200) == len(rows)
+        assert sum(r["attempts"] for r in results) == len(statuses)
+        print(f"flood: {len(rows)} rows, {statuses.count(503)} answered 503 and retried, 0 lost")
+        cases = [(b'{"rubric": "harmful", "prompt": "\xff\xfe", "response": "x"}', 400, "not valid UTF-8"),
+                 (b"not json at all", 400, "not valid JSON"),
+                 ({"rubric": "harmful", "prompt": "hi"}, 422, "response: Field required"),
+                 ({"rubric": "nope", "prompt": "hi", "response": "x"}, 422, "rubric"),
+                 ({"rubric": "harmful", "prompt": "hi", "response": "x" * 2001}, 413, "max_request_chars")]
+        for body, status, reason in cases:
+            got, reply = _post(url, body)
+            assert got == status and reason in reply["error"] and "\n" not in reply["error"], reply
+        assert _post(url, ROWS[0])[0] == 200
+    finally:
+        stop_judge("judge-flood")

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -107,13 +108,31 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+USER, PASSWORD = "cai", "s3cret=with spaces"
+
+
+@pytest.fixture
+def auth_env(monkeypatch, tmp_path):
+    """The credentials MLflow's client reads, in this process and the commands it starts; no
+    ~/.mlflow/credentials of the machine's own."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+
+
 def _mlflow_server(port: int, root) -> subprocess.Popen:
-    """The cluster's MLflow server script (jobs/mlflow_server.sh) on loopback, in its own process group."""
-    env = {**os.environ, "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_ROOT": str(root),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    """The cluster's MLflow server script (jobs/mlflow_server.sh, basic auth on) on loopback, in its own
+    process group; its admin user from a credentials file, as a Secret mounted on the head gives it."""
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth] (Flask-WTF): make env")
+    creds = Path(root) / "server-credentials"
+    creds.write_text(f"[mlflow]\nmlflow_tracking_username = {USER}\nmlflow_tracking_password = {PASSWORD}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env.update({"MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_ROOT": str(root),
+                "MLFLOW_AUTH_FILE": str(creds),
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     server = subprocess.Popen(["bash", str(ROOT / "jobs" / "mlflow_server.sh"), "--foreground"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
@@ -159,26 +178,63 @@ def test_unreachable_tracking_server_at_start_is_one_line_and_exit_2(tmp_path, t
     assert not (tmp_path / "out" / "generate").exists()
 
 
-def test_calls_to_a_dead_server_are_dropped_counted_and_reported(tmp_path, capsys):
+def test_server_refuses_requests_without_credentials_and_logs_a_run_with_them(tmp_path, tiny_base, auth_env,
+                                                                              monkeypatch, capsys):
+    """jobs/mlflow_server.sh with MLflow's basic auth: a request without the user and password is refused,
+    cai_ray says so in one line, and with them (env or ~/.mlflow/credentials) a run is logged.  Then the
+    same server is killed: calls to it are dropped, counted and reported."""
+    from cai_ray.runtime import worker_env
+
     port = _port()
     server = _mlflow_server(port, tmp_path)
-    uri = f"http://127.0.0.1:{port}"
-    parent = MlflowStore.start(uri, "dead", "parent")
-    parent.ledger, parent.retry, parent.reports_losses = str(tmp_path / "ledger"), (1, 60.0), True
-    child = parent.child("child")
-    _kill(server)
-    started = time.time()
-    child.log_metrics({"a": 1.0, "b": 2.0}, step=1)     # tried (one retry), then dropped
-    child.log_metrics({"a": 3.0}, step=2)               # within the pause: dropped at once
-    child.set_tags({"x": "y"})
-    assert time.time() - started < 30
-    parent.end()
-    err = capsys.readouterr().err
-    assert err.count("not logged to") == 1
-    assert "5 points could not be logged" in err and "metrics 3" in err and "tags 1" in err and "runs 1" in err
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        search = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(search, timeout=30)
+        assert refused.value.code == 401
+        cfg = make_config(tmp_path, tiny_base, f"tracking.uri={uri}", "tracking.experiment=auth")
+        # The password never travels in the workers' runtime_env (the Ray dashboard shows it).
+        assert not any(k.startswith("MLFLOW_TRACKING_") and k != "MLFLOW_TRACKING_URI" for k in worker_env(cfg, True))
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        with pytest.raises(RuntimeError, match=r"^tracking.uri=http://127.0.0.1:\d+: the MLflow server asks for a user "
+                                               r"and password and no credentials were given; set MLFLOW_TRACKING_USERNAME"):
+            open_store(cfg, "no-credentials")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+        with pytest.raises(RuntimeError, match="user 'cai' was refused"):
+            open_store(cfg, "wrong-password")
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        home = Path(os.environ["HOME"]) / ".mlflow"
+        home.mkdir(parents=True)
+        (home / "credentials").write_text(f"[mlflow]\nmlflow_tracking_username = {USER}\n"
+                                          f"mlflow_tracking_password = {PASSWORD}\n")
+        store = open_store(cfg, "with-credentials")   # read from ~/.mlflow/credentials by MLflow's client
+        store.log_metrics({"loss": 0.25}, step=1)
+        store.end()
+        run = mlflow.MlflowClient(uri).get_run(store.run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 0.25
+
+        parent = MlflowStore.start(uri, "dead", "parent")
+        parent.ledger, parent.retry, parent.reports_losses = str(tmp_path / "ledger"), (1, 60.0), True
+        child = parent.child("child")
+        _kill(server)
+        started = time.time()
+        child.log_metrics({"a": 1.0, "b": 2.0}, step=1)     # tried (one retry), then dropped
+        child.log_metrics({"a": 3.0}, step=2)               # within the pause: dropped at once
+        child.set_tags({"x": "y"})
+        assert time.time() - started < 30
+        parent.end()
+        err = capsys.readouterr().err
+        assert err.count("not logged to") == 1
+        assert "5 points could not be logged" in err and "metrics 3" in err and "tags 1" in err and "runs 1" in err
+    finally:
+        _kill(server)
 
 
-def test_sft_survives_a_tracking_server_restart_and_later_points_land(tmp_path, tiny_base):
+def test_sft_survives_a_tracking_server_restart_and_later_points_land(tmp_path, tiny_base, auth_env):
     port, steps = _port(), 200
     server = _mlflow_server(port, tmp_path)
     uri = f"http://127.0.0.1:{port}"
