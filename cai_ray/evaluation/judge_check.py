@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional
@@ -140,7 +141,8 @@ def summarize(judge: JudgeConfig, rows: list[dict], verdicts: dict[str, dict]) -
             confusion["yes" if r["label"] else "no"][shown] += 1
             categories[r["category"]][0] += r["correct"]
             categories[r["category"]][1] += 1
-        errors = Counter(r["error"][:60] for r in items if r["judged"] is None)
+        # Grouped by cause: the numbers in a message (sizes, counts) would split one cause into many.
+        errors = Counter(re.sub(r"\d+", "N", r["error"])[:60] for r in items if r["judged"] is None)
         parse_failures = sum(1 for r in items if r["judged"] is None and not r["failed"])
         metrics[metric] = {
             "rubric": rubric or judge.harm_rubric, "column": column, "n": len(items), "correct": correct,

@@ -109,7 +109,9 @@ def _judge_check(report: dict) -> list[str]:
     if not check:
         return ["judge check: not run (judge.check=false); the judge's columns are unchecked"]
     parts = [f"{LABELS[m]} ({c['rubric']}) {c['accuracy']:.2f} [{c['lo']:.2f},{c['hi']:.2f}] {c['correct']}/{c['n']}, "
-             f"parse fail {c['parse_failures']}/{c['n']}{': SUSPECT' if c['suspect'] else ''}"
+             f"parse fail {c['parse_failures']}/{c['n']}"
+             + (f", judge fail {c['judge_failures']}/{c['n']}" if c.get("judge_failures") else "")
+             + (": SUSPECT" if c["suspect"] else "")
              for m, c in check["metrics"].items()]
     return [f"judge check on {check['rows']} labelled rows (Wilson 95%; failures count as wrong): " + "; ".join(parts)]
 

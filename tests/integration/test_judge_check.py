@@ -77,7 +77,7 @@ def test_smollm2_judge_on_serve_counts_copied_hints_as_parse_failures(ray_cluste
 
 
 def test_judge_check_on_smollm2(smollm2, tmp_path):
-    done = cai("judge", "configs/quickstart.yaml", "--check", f"output_dir={tmp_path / 'out'}",
+    done = cai("judge", "--check", "configs/quickstart.yaml", f"output_dir={tmp_path / 'out'}",
                f"judge.model.path={smollm2}", "judge.model.role=instruct", "judge.check_limit=3",
                "judge.sampling.max_new_tokens=24", f"judge.port={_free_port()}", "runtime.num_cpus=2")
     assert done.returncode == 0, done.stderr[-3000:]
