@@ -38,12 +38,13 @@ class JudgeClient:
     """Picklable: ship it to Ray Data workers; each process opens its own connection."""
 
     def __init__(self, app_name: str = APP_NAME, url: str | None = None, max_in_flight: int = 32,
-                 retries: int = 5, timeout_s: float = 300.0, backoff_s: float = 0.5):
+                 retries: int = 5, timeout_s: float = 300.0, backoff_s: float = 0.5,
+                 overload_wait_s: float = 3600.0):
         if max_in_flight < 1 or retries < 0:
             raise ValueError(f"max_in_flight={max_in_flight} must be >= 1 and retries={retries} >= 0")
         self.app_name, self.url = app_name, url
         self.max_in_flight, self.retries = max_in_flight, retries
-        self.timeout_s, self.backoff_s = timeout_s, backoff_s
+        self.timeout_s, self.backoff_s, self.overload_wait_s = timeout_s, backoff_s, overload_wait_s
         self._handle = None
 
     def __getstate__(self):
@@ -66,21 +67,27 @@ class JudgeClient:
                 continue
             # numpy.str_ and integer ids become plain str; other types go as they are, to be refused.
             payload[key] = str(value) if key == "id" or isinstance(value, str) else value
-        attempt, error = 0, ""
-        while attempt <= self.retries:
+        attempt, error, overloaded, started = 0, "", 0, time.monotonic()
+        while attempt - overloaded <= self.retries:
             attempt += 1
             try:
                 body = self._send(payload)
             except Exception as exc:  # transport trouble: a dead replica, a refused connection, ...
                 text = str(exc).strip().splitlines()
-                body = {"status": 503, "error": f"{type(exc).__name__}: {text[0] if text else ''}"}
+                full = type(exc).__name__ == "BackPressureError"  # the handle's form of Serve's 503
+                body = {"status": 503, "error": f"{type(exc).__name__}: {text[0] if text else ''}",
+                        "overloaded": full}
             if "status" not in body:
                 return {**body, "failed": False, "attempts": attempt}
             error = f"{body['error']} (status {body['status']})"
             if body["status"] not in RETRYABLE:
                 break
+            # Back-pressure (the request never ran) is waited out up to overload_wait_s and does not use
+            # up a retry: a flooded judge drains, and a row given up on is a judge failure, not a verdict.
+            if body.get("overloaded", body["status"] == 503) and time.monotonic() - started < self.overload_wait_s:
+                overloaded += 1
             # Jittered: clients turned away by one full queue must not all come back at once.
-            time.sleep(min(self.backoff_s * 2 ** (attempt - 1), 10.0) * random.uniform(0.5, 1.0))
+            time.sleep(min(self.backoff_s * 2 ** min(attempt - 1, 6), 10.0) * random.uniform(0.5, 1.0))
         return {"id": payload.get("id"), "rubric": payload.get("rubric"), "value": None, "parse_ok": False,
                 "raw": None, "error": error, "fields": {}, "failed": True, "attempts": attempt}
 
