@@ -172,7 +172,10 @@ def test_combined_adapter_equals_sft_then_dpo(tmp_path, tiny_base):
     random_adapter(load(tiny_base), "sft", ["q_proj", "v_proj"], 0)
     sft_merged = PeftModel.from_pretrained(load(tiny_base), tmp_path / "sft").merge_and_unload()
     sequential = random_adapter(sft_merged, "dpo", ["q_proj", "o_proj"], 1)
-    combine_adapters(tiny_base, str(tmp_path / "sft"), str(tmp_path / "dpo"), tmp_path / "both")
+    from cai_ray.config import ModelConfig
+
+    combine_adapters(ModelConfig(path=tiny_base), tiny_base, str(tmp_path / "sft"), str(tmp_path / "dpo"),
+                     tmp_path / "both")
     combined = PeftModel.from_pretrained(load(tiny_base), tmp_path / "both")
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     with torch.no_grad():

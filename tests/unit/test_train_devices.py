@@ -84,7 +84,7 @@ def gloo_group(tmp_path, monkeypatch):
     dist.destroy_process_group()
 
 
-def _job(tmp_path, model, kind, *overrides):
+def _job(tmp_path, model, kind, *overrides, steps=2):
     from cai_ray.train.data import tokenize
     from cai_ray.train.lora import load_tokenizer
 
@@ -93,7 +93,7 @@ def _job(tmp_path, model, kind, *overrides):
                              "train.lora.alpha=8", *overrides])
     tok = load_tokenizer(cfg.model, model)
     data = tokenize(tok, ROWS if kind == "sft" else PAIRS, kind, 64)
-    return Job(kind=kind, cfg=cfg, model_path=model, data=None, total_steps=2, pad_id=tok.pad_token_id,
+    return Job(kind=kind, cfg=cfg, model_path=model, data=None, total_steps=steps, pad_id=tok.pad_token_id,
                lr=0.01, start=None, store=NullStore(), fail_once=None), data
 
 
@@ -112,14 +112,14 @@ def test_sft_and_dpo_steps_run_on_a_non_cpu_device(tmp_path, tiny_base, lazy_gro
     the forward, the loss or the all-reduce raises."""
     from cai_ray.train.plain import start_torch_engine
 
-    job, data = _job(tmp_path, tiny_base, kind)
+    job, data = _job(tmp_path, tiny_base, kind, steps=1)  # each new graph costs seconds to trace
     launcher = LocalContext(tmp_path / "ckpt", lazy_group)
     run_worker(launcher.as_worker(), job, data, make_engine=start_torch_engine(lazy_group))
     final = launcher.reports[-1]
-    assert final["step"] == 2 and final["final"] and final["tokens_seen"] > 0
-    assert (tmp_path / "ckpt" / "checkpoint_000002" / "adapter" / "adapter_model.safetensors").is_file()
+    assert final["step"] == 1 and final["final"] and final["tokens_seen"] > 0
+    assert (tmp_path / "ckpt" / "checkpoint_000001" / "adapter" / "adapter_model.safetensors").is_file()
     if kind == "dpo":
-        assert final["loss"] > 0 and "rewards/accuracy" in final or any("/" in k for k in final)
+        assert final["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the first step
 
 
 def test_sft_and_dpo_train_in_train_mode_and_checkpointing_recomputes_each_layer(tmp_path, tiny_base, gloo_group):

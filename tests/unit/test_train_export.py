@@ -182,3 +182,18 @@ def test_the_pinned_revision_reaches_every_training_and_export_load(tmp_path, ti
                       ("tokenizer", "check_targets", "load_policy", "combine_adapters", "merge_memory",
                        "merge_into_base")], runs["pinned"]
     assert len(unpinned) == 6 and all("failed" in line for line in unpinned), unpinned
+
+
+def test_plan_counts_the_merge_task_memory(tiny_base):
+    from cai_ray.config import load_config
+    from cai_ray.plan import check, local_node, requests
+    from cai_ray.train.lora import merge_memory
+
+    cfg = load_config(None, [f"model.path={tiny_base}", "dpo.merge=true"])
+    merge = [r for r in requests(cfg) if r.stage == "merge"]
+    assert len(merge) == 1 and merge[0].memory == merge_memory(cfg.model) > 2 * 2**30
+    assert check(merge[0], local_node(cfg)[1]) is None
+    tight = local_node(cfg)[1]
+    tight[0].resources["memory"] = 2 * 2**30
+    assert "merge" in check(merge[0], tight) and "memory" in check(merge[0], tight)
+    assert not [r for r in requests(load_config(None, [f"model.path={tiny_base}"])) if r.stage == "merge"]
