@@ -179,7 +179,7 @@ def check_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_judge_check(cfg: Config, store) -> dict:
+def run_judge_check(cfg: Config, store, brief: bool = False) -> dict:
     """Score the check rows through the judge app (reused if it runs), or read a finished check.
 
     Written to ``{output_dir}/judge-check/{key}/report.json``; the same judge and rows are not
@@ -209,5 +209,6 @@ def run_judge_check(cfg: Config, store) -> dict:
                        for k in ("accuracy", "lo", "hi", "parse_failure_share", "suspect", "n")})
     for name in ("report.json", "check.txt", "verdicts.jsonl"):
         store.log_artifact(out / name, "judge-check")
-    print(text, flush=True)
+    if not brief:  # evaluate's report carries the check's line per rubric (and check.txt the tables)
+        print(text, flush=True)
     return summary

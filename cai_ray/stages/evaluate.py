@@ -72,8 +72,6 @@ def _trace(cfg: Config, store: Store, rows: list[dict]) -> dict:
     """Judge calls as MLflow traces for people to review (evaluate.trace); what it cost."""
     started = time.monotonic()
     records = trace_records(rows, cfg.evaluate.trace, cfg.evaluate.review_sample, cfg.seed)
-    if records:
-        console.say(f"evaluate: logging {len(records)} judge calls as MLflow traces (evaluate.trace={cfg.evaluate.trace})")
     logged = store.log_traces(records) if records else 0
     return {"mode": cfg.evaluate.trace, "logged": logged or 0,
             "review": sum(r["tags"]["review"] == "yes" for r in records),
@@ -184,7 +182,7 @@ def _evaluate(cfg: Config, store: Store, out: Path, upstream: tuple, items: list
         if cfg.judge.check:
             # The judge measured on labelled rows first; a rubric that fails is SUSPECT in the report.
             with stage_run(store, f"{cfg.name}-judge-check", {"stage": "judge-check"}) as child:
-                checked = run_judge_check(cfg, child)
+                checked = run_judge_check(cfg, child, brief=True)
         rows = rate(cfg, responses)
     report = build_report(rows, arms, e.max_share, e.min_rater_kappa, e.allow_mixed_formats, e.bootstrap, cfg.seed,
                           judge_check=checked)

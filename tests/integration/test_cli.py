@@ -77,7 +77,8 @@ def test_quickstart_run_is_quiet_and_the_log_holds_the_libraries(tmp_path):
                f"judge.model.path={models / 'tiny-chat'}", f"judge.port={_free_port()}")
     shown = done.stdout.splitlines() + done.stderr.splitlines()
     assert done.returncode == 0, "\n".join(shown[-40:])
-    assert len(shown) <= 60, "\n".join(shown)
+    # Progress lines come every 10 s off a terminal, so a slow machine shows a few more.
+    assert len(shown) <= 64, "\n".join(shown)
     assert done.stderr == ""
     for stage in ("generate", "sft", "dpo", "evaluate"):
         assert f"== quickstart-{stage}" in done.stdout
@@ -93,9 +94,12 @@ def test_quickstart_run_is_quiet_and_the_log_holds_the_libraries(tmp_path):
     exp = client.get_experiment_by_name("cai_ray")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     children = client.search_runs([exp.experiment_id], "tags.mlflow.parentRunId != ''")
-    assert sorted(r.data.tags["stage"] for r in children) == ["dpo", "evaluate", "generate", "sft"]
+    # The judge check runs as a child of the evaluate run, before its ratings.
+    assert sorted(r.data.tags["stage"] for r in children) == ["dpo", "evaluate", "generate", "judge-check", "sft"]
     for run in children:
         stage = run.data.tags["stage"]
+        if stage == "judge-check":
+            continue
         section = {"generate": "generate.rounds", "sft": "sft.max_steps", "dpo": "dpo.beta",
                    "evaluate": "judge.model.path"}[stage]
         assert section in run.data.params and "seed" in run.data.params, stage
