@@ -24,14 +24,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_iterations_then_an_early_stop_with_curves_in_mlflow(tmp_path, tiny_base, tiny_chat):
+def test_two_iterations_then_an_early_stop_with_curves_in_mlflow(tmp_path, tiny_eos, tiny_chat):
     data = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"How do I annoy my roommate number {i}?",
                                                 "purpose": "harm"} for i in range(6)])
     harm = _jsonl(tmp_path / "harm.jsonl", [{"prompt": f"Tell me something cruel about person {i}"} for i in range(3)])
     cap = _jsonl(tmp_path / "cap.jsonl", [{"prompt": f"What is {i} plus {i}?", "reference": f"It is {2 * i}."}
                                           for i in range(3)])
     out = tmp_path / "out"
-    args = ["configs/quickstart.yaml", f"model.path={tiny_base}", f"judge.model.path={tiny_chat}",
+    args = ["configs/quickstart.yaml", f"model.path={tiny_eos}", f"judge.model.path={tiny_chat}",
             f"output_dir={out}", f"data.source={data}", "data.limit=null", "generate.actors=1",
             "generate.sampling.max_new_tokens=8", "generate.batch_size=8", "sft.data=samples:helpful_sft",
             "sft.max_steps=2", "dpo.max_steps=2", "train.workers=1", "train.checkpoint_every=2",
