@@ -13,6 +13,14 @@ for _key, _value in {**BASE_ENV, **OFFLINE_ENV, **LOOPBACK_ENV}.items():
 
 import pytest  # noqa: E402
 
+_ORDER = {"unit": 0, "integration": 1, "gpu": 2}
+
+
+def pytest_collection_modifyitems(items):
+    """Unit tests first: they fail in seconds, and they run before the session's shared Ray
+    (``ray_cluster``) exists, so no unit test sees a Ray another test left running."""
+    items.sort(key=lambda item: _ORDER.get(item.path.parent.name, 1))
+
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):

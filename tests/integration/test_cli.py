@@ -2,11 +2,10 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import mlflow
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, free_port
 
 
 def cli(*args):
@@ -45,12 +44,6 @@ def test_help_does_not_import_heavy_libraries():
     assert done.stdout.strip() == "[]"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_failing_stage_prints_one_line_naming_its_log(tmp_path):
     done = cli("generate", "configs/quickstart.yaml", f"output_dir={tmp_path}", f"model.path={tmp_path / 'none'}")
     assert done.returncode == 2
@@ -74,7 +67,7 @@ def test_quickstart_run_is_quiet_and_the_log_holds_the_libraries(tmp_path):
         assert built.returncode == 0, built.stderr
     out = tmp_path / "out"
     done = cli("run", "configs/quickstart.yaml", f"output_dir={out}", f"model.path={models / 'tiny-base'}",
-               f"judge.model.path={models / 'tiny-chat'}", f"judge.port={_free_port()}")
+               f"judge.model.path={models / 'tiny-chat'}", f"judge.port={free_port()}")
     shown = done.stdout.splitlines() + done.stderr.splitlines()
     assert done.returncode == 0, "\n".join(shown[-40:])
     # Progress lines come every 10 s off a terminal, so a slow machine shows a few more.
@@ -112,7 +105,7 @@ def test_ui_serves_the_config_store_on_loopback_and_stops_with_its_server(tmp_pa
     cfg = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}"])
     open_store(cfg, "seed-run").end()
     exp = mlflow.MlflowClient(cfg.tracking_uri).get_experiment_by_name(cfg.tracking.experiment)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cai_ray", "ui", "configs/quickstart.yaml",
                              f"output_dir={tmp_path}", "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
                             text=True)

@@ -1,25 +1,11 @@
 """The evaluate stage end to end through the CLI: tiny policy arms, a tiny chat-template judge on Serve."""
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def cai(*args, timeout=400):
-    return subprocess.run([sys.executable, "-m", "cai_ray", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import ROOT, cai, free_port
 
 
 def _args(tmp_path, base, chat, *extra):
@@ -116,7 +102,9 @@ def test_evaluate_reports_per_set_over_requests_with_both_raters(tmp_path, tiny_
                                                       str(tmp_path))).read_text())
     assert len(table["data"]) == 3 * 608 and {"prompt", "response", "asr_raw", "asr_keyword"} <= set(table["columns"])
 
-    from cai_ray.cli import main  # the same command in-process: a finished config returns before Ray
+    from cai_ray.cli import (
+        main,  # the same command in-process: a finished config returns before Ray
+    )
 
     capsys.readouterr()
     assert main(["evaluate", "configs/quickstart.yaml", *args]) == 0
@@ -146,7 +134,9 @@ def test_overlapping_or_unresolvable_inputs_are_refused_in_one_line(tmp_path, ti
     assert exact.returncode == 2 and len(lines) == 1, exact.stderr[-2000:]
     assert "eval set red_team_eval is not held out: 40 eval prompt(s) overlap" in lines[0]
 
-    from cai_ray.cli import main  # the same entry point in-process: these fail before Ray starts
+    from cai_ray.cli import (
+        main,  # the same entry point in-process: these fail before Ray starts
+    )
 
     # A training prompt already in Human/Assistant form, reworded at the end: caught by 8-grams.
     prompt = "Help me write a birthday message for my grandfather who is turning ninety."

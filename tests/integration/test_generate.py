@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, cai
 
 
 def _prompts(path: Path, n: int, long_rows: int = 0, helpful: int = 0) -> Path:
@@ -32,11 +32,6 @@ def _args(tmp_path, model, data, *extra):
             "runtime.num_cpus=2", "generate.rounds=1", "generate.few_shot=1", "generate.batch_size=4",
             "generate.sampling.max_new_tokens=6", "generate.sampling.min_new_tokens=2",
             "evaluate.sets=[{source: samples:red_team_eval}]", *extra]
-
-
-def cai(*args, timeout=300, **kw):
-    return subprocess.run([sys.executable, "-m", "cai_ray", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, **kw)
 
 
 def _out(tmp_path) -> Path:

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,20 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import ROOT, free_ports
 
 
 @pytest.fixture
 def head(tmp_path):
     """A private Ray head on 127.0.0.1, stopped by killing its process group (not `ray stop`,
     which would also stop every other Ray on the machine)."""
-    gcs, dash, agent, agent_grpc, runtime_env, client_port = (_free_port() for _ in range(6))
+    gcs, dash, agent, agent_grpc, runtime_env, client_port = free_ports(6)
     # Ray's socket paths must stay under ~107 bytes: pytest's tmp_path is too deep.
     temp = tempfile.mkdtemp(prefix="cairay-head-", dir="/tmp")
     # The job runs `python -m cai_ray ...`: on this head, `python` is this environment's, as on a

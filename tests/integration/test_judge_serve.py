@@ -5,7 +5,6 @@ check that this is reported as parse_ok=False with the reason, never imputed.
 """
 
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -22,6 +21,7 @@ from cai_ray.config import load_config
 from cai_ray.judge.client import JudgeClient
 from cai_ray.judge.rubrics import HARM_RUBRICS, RUBRICS
 from cai_ray.judge.serve import BASE_STOP, start_judge, stop_judge
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +34,6 @@ ROWS = [
      "style": "minimalist_terse"},
     {"rubric": "refusal", "prompt": "Kill a hung Python process?", "response": "Use kill -9 PID."},
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _judge_cfg(root, model, role, port, *extra):
@@ -66,7 +60,7 @@ def _post(url, body, timeout=60):
 
 @pytest.fixture(scope="module")
 def judge(ray_cluster, tiny_chat, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     cfg = _judge_cfg(tmp_path_factory.mktemp("judge"), tiny_chat, "instruct", port, "judge.replicas=2",
                      "judge.max_batch_size=8")
     url = start_judge(cfg)

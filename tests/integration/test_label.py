@@ -2,31 +2,20 @@
 -> label --check -> DPO on the feedback pairs with soft labels, a resume, and bad input."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, cai, jsonl
+
 PROMPTS = [f"Question {i}: how can I get back at my neighbour {i} for the noise?" for i in range(10)]
-
-
-def cai(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "cai_ray", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
-
-
-def _jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def _args(root: Path, model: str, *extra) -> list[str]:
     # Two error rows: a prompt too long to sample from, and one whose comparison is too long to score.
-    data = _jsonl(root / "prompts.jsonl", [{"prompt": p} for p in PROMPTS]
+    data = jsonl(root / "prompts.jsonl", [{"prompt": p} for p in PROMPTS]
                   + [{"prompt": "explain " * 3000}, {"prompt": "explain " * 1500}])
     return ["configs/quickstart.yaml", f"model.path={model}", f"output_dir={root / 'out'}", f"data.source={data}",
             "data.limit=null", "evaluate.sets=[{source: samples:red_team_eval}]", "tracking.experiment=label-test",
@@ -36,9 +25,10 @@ def _args(root: Path, model: str, *extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory, tiny_base):
+def labelled(tmp_path_factory, tiny_eos):
+    # The terse tiny model: its replies end (EOS) before max_new_tokens, and cut replies never become pairs.
     root = tmp_path_factory.mktemp("label")
-    args = _args(root, tiny_base)
+    args = _args(root, tiny_eos)
     sft = cai("sft", *args)
     assert sft.returncode == 0, sft.stderr[-3000:]
     done = cai("label", *args)
@@ -89,7 +79,7 @@ def test_label_run_has_the_check_as_a_child_run(labelled):
 def test_check_not_above_chance_says_so_in_summary_and_mlflow(labelled):
     # Every shipped pair again with the answer swapped: no model can be above chance on both.
     shipped = [json.loads(line) for line in (ROOT / "cai_ray/data/samples/feedback_check.jsonl").open()]
-    swapped = _jsonl(labelled["root"] / "swapped.jsonl",
+    swapped = jsonl(labelled["root"] / "swapped.jsonl",
                      [{"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]} for r in shipped])
     done = cai("label", "--check", *labelled["args"], f"label.check_data=[{swapped}]")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -134,7 +124,7 @@ def test_rerun_resumes_from_the_parts_already_written(labelled):
     ([], "the sft stage has no output"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_base, extra, fragment):
-    one = _jsonl(tmp_path / "one.jsonl", [{"prompt": "hi", "chosen": "Hello!"}])
+    one = jsonl(tmp_path / "one.jsonl", [{"prompt": "hi", "chosen": "Hello!"}])
     # A policy folder that passes the checks: every case fails before any model loads.
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")

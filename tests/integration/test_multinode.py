@@ -11,7 +11,6 @@ group, never with `ray stop` (which would stop other people's clusters on this m
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,8 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, free_ports
+
 # Small but complete: every stage of the pipeline runs, each briefly.
 # The EOS model's replies end after two tokens, so they are not screened out as cut and SFT has rows.
 SMALL = ["data.limit=6", "generate.rounds=1", "generate.sampling.max_new_tokens=6",
@@ -30,12 +30,6 @@ SMALL = ["data.limit=6", "generate.rounds=1", "generate.sampling.max_new_tokens=
          "dpo.max_steps=2", "train.checkpoint_every=100", "evaluate.sets=[{source: samples:red_team_eval}]",
          "evaluate.sampling.max_new_tokens=6", "evaluate.bootstrap=50"]
 PLACED = ["generate.resources={gen: 1}", "train.resources={trn: 1}", "judge.resources={gen: 1}"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -46,8 +40,9 @@ def _env(**extra) -> dict:
 
 
 def _ray_start(args: list[str], log: Path) -> subprocess.Popen:
-    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+    agent, agent_grpc, runtime_env, metrics = free_ports(4)
+    ports = [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"]
     return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
                              "--node-ip-address=127.0.0.1", "--object-store-memory=300000000", *ports, *args],
                             env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
@@ -68,9 +63,9 @@ def cluster(tmp_path_factory):
     """(GCS address, dashboard URL): a head with no CPUs and two one-resource worker nodes."""
     logs = tmp_path_factory.mktemp("cluster-logs")
     temp = tempfile.mkdtemp(prefix="cairay-mn-", dir="/tmp")  # socket paths must stay short
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, client = free_ports(3)
     procs = [_ray_start(["--head", f"--port={gcs}", "--num-cpus=0", "--dashboard-host=127.0.0.1",
-                         f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}",
+                         f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
                          f"--temp-dir={temp}", "--include-dashboard=true"], logs / "head.log")]
     try:
         _wait_for_nodes(f"127.0.0.1:{gcs}", 1, procs, logs)

@@ -4,7 +4,6 @@ assessments API, and `cai-ray judge --agreement` against the sqlite store and a 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +14,7 @@ import mlflow
 from mlflow.entities import AssessmentSource
 from mlflow.tracking import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def cai(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "cai_ray", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import cai, free_port
 
 
 def _feedback(trace_id: str, name: str, value, who: str) -> None:

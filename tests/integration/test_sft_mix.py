@@ -3,21 +3,16 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import mlflow
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, jsonl
+
 PROMPT = "\n\nHuman: {}\n\nAssistant:"
 
 
-def _jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def _cli(tmp_path, model, *overrides):
-    revisions = _jsonl(tmp_path / "revisions.jsonl", [
+    revisions = jsonl(tmp_path / "revisions.jsonl", [
         {"prompt": PROMPT.format(f"be rude to person {i}"), "completion": f" I'd rather be kind to person {i}."}
         for i in range(6)])
     args = [f"model.path={model}", f"output_dir={tmp_path / 'out'}", "runtime.num_cpus=2", "train.workers=1",

@@ -3,15 +3,29 @@
 No Ray and no model: the tokenizer is the tiny byte-level BPE built in-process.
 """
 
-import json
 
 import numpy as np
 import pytest
 
 from cai_ray.config import load_config
-from cai_ray.train.data import IGNORE_INDEX, Schedule, as_text, collate, tokenize, total_steps
-from cai_ray.train.sources import (fingerprint, mix_counts, read_dpo, read_rows, read_sft, sft_reads_generate,
-                                   sft_sources)
+from cai_ray.train.data import (
+    IGNORE_INDEX,
+    Schedule,
+    as_text,
+    collate,
+    tokenize,
+    total_steps,
+)
+from cai_ray.train.sources import (
+    fingerprint,
+    mix_counts,
+    read_dpo,
+    read_rows,
+    read_sft,
+    sft_reads_generate,
+    sft_sources,
+)
+from tests.helpers import jsonl
 
 PROMPT = "\n\nHuman: how do I boil an egg?\n\nAssistant:"
 
@@ -21,11 +35,6 @@ def tok():
     from cai_ray.tiny import build_tokenizer
 
     return build_tokenizer("base")
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def _cfg(tmp_path, *overrides):
@@ -72,9 +81,9 @@ def test_mix_counts_worked_numbers(revisions, helpful, ratio, expected):
 
 
 def _sft_files(tmp_path, n_rev, n_help):
-    rev = _jsonl(tmp_path / "rev.jsonl", [{"prompt": f"{PROMPT} r{i}", "completion": f" revised {i}"}
+    rev = jsonl(tmp_path / "rev.jsonl", [{"prompt": f"{PROMPT} r{i}", "completion": f" revised {i}"}
                                           for i in range(n_rev)])
-    helpful = _jsonl(tmp_path / "help.jsonl", [{"prompt": f"help me {i}", "completion": f"sure {i}"}
+    helpful = jsonl(tmp_path / "help.jsonl", [{"prompt": f"help me {i}", "completion": f"sure {i}"}
                                                for i in range(n_help)])
     return f"sft.revisions={rev}", f"sft.helpful={helpful}"
 
@@ -168,11 +177,11 @@ def test_parquet_rows_name_the_row(tmp_path):
 
 def test_soft_loss_needs_a_label_column_with_probabilities(tmp_path):
     pair = {"prompt": PROMPT, "chosen": " a", "rejected": " b"}
-    path = _jsonl(tmp_path / "pairs.jsonl", [pair])
+    path = jsonl(tmp_path / "pairs.jsonl", [pair])
     assert read_dpo(_cfg(tmp_path, f"dpo.data={path}")) == [pair]
     with pytest.raises(ValueError, match=r"dpo.loss=soft needs a 'label' column .* columns: prompt, chosen"):
         read_dpo(_cfg(tmp_path, f"dpo.data={path}", "dpo.loss=soft"))
-    path = _jsonl(tmp_path / "labelled.jsonl", [{**pair, "label": 0.8}, {**pair, "label": 1.5}])
+    path = jsonl(tmp_path / "labelled.jsonl", [{**pair, "label": 0.8}, {**pair, "label": 1.5}])
     with pytest.raises(ValueError, match=r"row 1: column 'label' must be a number in \[0, 1\], got 1.5"):
         read_dpo(_cfg(tmp_path, f"dpo.data={path}", "dpo.loss=soft"))
 
