@@ -29,7 +29,8 @@ from cai_ray.evaluation import sweep as sweep_analysis
 from cai_ray.evaluation.iterate import judge_step, log_iterations, metrics_of, policy_rows
 from cai_ray.evaluation.rating import judge_starts
 from cai_ray.evaluation.sets import load_eval_sets
-from cai_ray.tracking import Store, flatten, stage_run, write_atomic
+from cai_ray.files import write_atomic
+from cai_ray.tracking import Store, flatten, stage_run
 
 PIPELINE = ("generate", "sft", "dpo", "evaluate")
 CAPABILITY_SET = "samples:capability_eval"

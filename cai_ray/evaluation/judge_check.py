@@ -186,7 +186,7 @@ def run_judge_check(cfg: Config, store, brief: bool = False) -> dict:
     scored twice (a sweep's evaluations share one check)."""
     from cai_ray.evaluation.rating import judge_requests
     from cai_ray.runtime import init_ray
-    from cai_ray.tracking import write_atomic
+    from cai_ray.files import write_atomic
 
     rows = load_check_rows(cfg.judge)
     out = cfg.output_root / "judge-check" / check_key(cfg, rows)

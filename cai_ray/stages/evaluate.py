@@ -32,8 +32,9 @@ from cai_ray.evaluation.rating import judge_scope, rate
 from cai_ray.evaluation.report import build_report
 from cai_ray.evaluation.sets import check_heldout, load_eval_sets
 from cai_ray.evaluation.traces import trace_records
+from cai_ray.files import write_atomic
 from cai_ray.locks import hold
-from cai_ray.tracking import Store, stage_run, write_atomic
+from cai_ray.tracking import Store, stage_run
 
 RATING_COLUMNS = [
     ("arm", pa.string()), ("set", pa.string()), ("kind", pa.string()), ("id", pa.string()),

@@ -19,8 +19,9 @@ from cai_ray.constitution import (
 from cai_ray.constitution.pairs import step_finishes
 from cai_ray.data.prompts import load_prompts
 from cai_ray.evaluation.sets import check_training_prompts
+from cai_ray.files import write_atomic
 from cai_ray.locks import hold
-from cai_ray.tracking import Store, write_atomic
+from cai_ray.tracking import Store
 
 # Each step keeps its finish: stop, length (cut at max_new_tokens), empty or error.  These
 # columns came in with prompt purposes; parts without them are refused on resume (_done_ids).

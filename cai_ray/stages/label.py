@@ -26,8 +26,9 @@ from cai_ray.constitution.feedback import (
 from cai_ray.constitution.format import conversation_prompt
 from cai_ray.data.prompts import load_prompts, prompt_id
 from cai_ray.evaluation.sets import check_training_prompts
+from cai_ray.files import write_atomic
 from cai_ray.locks import hold
-from cai_ray.tracking import Store, stage_run, write_atomic
+from cai_ray.tracking import Store, stage_run
 from cai_ray.train.sources import label_dir, read_rows
 from cai_ray.train.driver import output_dir
 

@@ -23,8 +23,9 @@ from typing import Any, Optional
 
 from cai_ray import console
 from cai_ray.config import Config, stage_dir, stage_hash, to_yaml
+from cai_ray.files import write_atomic
 from cai_ray.locks import hold
-from cai_ray.tracking import Store, write_atomic
+from cai_ray.tracking import Store
 from cai_ray.train.sources import sft_reads_generate
 
 MANIFEST = "manifest.json"
