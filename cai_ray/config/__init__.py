@@ -32,7 +32,7 @@ __all__ = ["STAGES", "ConfigError", "ModelConfig", "EngineConfig", "SamplingConf
            "SFTConfig", "DPOConfig", "LabelConfig", "JudgeConfig", "EVAL_KINDS", "EVAL_FORMATS", "EvalSetConfig",
            "ArmConfig", "FailureLimits", "EvaluateConfig", "IterateConfig", "SweepConfig", "EstimateConfig",
            "TrackingConfig", "RuntimeConfig", "Config", "load_config", "to_dict", "to_yaml", "STAGE_SECTIONS",
-           "RESOURCE_KEYS", "stage_hash", "stage_dir"]
+           "RESOURCE_KEYS", "stage_hash", "stage_folder"]
 
 STAGES = ("generate", "sft", "dpo", "evaluate")
 
@@ -253,5 +253,51 @@ def stage_hash(cfg: Config, stage: str, upstream: tuple[str, ...] = ()) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def stage_dir(cfg: Config, stage: str, upstream: tuple[str, ...] = ()) -> Path:
-    return cfg.output_root / stage / stage_hash(cfg, stage, upstream)
+def _upstream(cfg: Config, kind: str, arms: dict | None, items: list) -> tuple[str, ...]:
+    """What a stage reads from outside its own sections: the stages before it (by hash or
+    folder name) and what the config names by reference (content, paths, resolved arms)."""
+    if kind in ("sft", "dpo"):
+        upstream = []
+        reads_generate = None in cfg.sft.inputs().values() if kind == "sft" else cfg.dpo.data is None
+        if reads_generate:
+            upstream.append(f"generate:{stage_hash(cfg, 'generate')}")
+        if kind == "dpo" and cfg.dpo.sft_adapter is None:
+            upstream.append(f"sft:{stage_folder(cfg, 'sft').name}")
+        return tuple(upstream)
+    if kind == "label":  # the constitution's content and the policy (a folder, or the sft output)
+        from cai_ray.constitution import load_constitution
+
+        constitution = load_constitution(cfg.label.constitution or cfg.generate.constitution)
+        policy = cfg.label.policy or cfg.dpo.sft_adapter
+        return (f"constitution:{constitution.hash}",
+                f"policy:{Path(policy).expanduser().resolve()}" if policy else f"sft:{stage_folder(cfg, 'sft').name}")
+    if kind == "evaluate":  # the quality screen, each resolved arm's adapter and its content, the request ids
+        return (json.dumps(asdict(cfg.generate.quality), sort_keys=True),
+                *(f"{n}:{a['adapter']}:{a['adapter_sha256']}" for n, a in (arms or {}).items()),
+                hashlib.sha256("\n".join(sorted(f"{r['set']}:{r['id']}" for r in items)).encode()).hexdigest())
+    return ()
+
+
+def _check_key(cfg: Config, rows: list[dict]) -> str:
+    """What decides a judge check's outcome: the judge's model, engine and sampling, and the rows."""
+    j = cfg.judge
+    decided = {"model": asdict(j.model), "engine": {k: v for k, v in asdict(j.engine).items() if k != "batch_size"},
+               "sampling": asdict(j.sampling), "harm_rubric": j.harm_rubric, "min_accuracy": j.min_accuracy,
+               "rows": [[r["id"], r["verdict"], r["label"], r["request"], r["response"]] for r in rows]}
+    return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def stage_folder(cfg: Config, kind: str, *, arms: dict | None = None, items: list = (), rows: list = (),
+                 pairs_sha256: str | None = None) -> Path:
+    """The one place a stage's folder is named: ``{output_dir}/{kind}/{hash}``.
+
+    generate, sft, dpo, label: the config alone.  evaluate: also its resolved ``arms`` and the
+    ``items`` rated.  judge-check: the check ``rows``.  sweep: its pair file, by the generate
+    hash for revision pairs, else by ``pairs_sha256`` (the file's sha256).
+    """
+    if kind == "judge-check":
+        return cfg.output_root / kind / _check_key(cfg, list(rows))
+    if kind == "sweep":
+        name = stage_hash(cfg, "generate") if cfg.dpo.pairs == "revisions" else f"{cfg.dpo.pairs}-{pairs_sha256[:12]}"
+        return cfg.output_root / kind / name
+    return cfg.output_root / kind / stage_hash(cfg, kind, _upstream(cfg, kind, arms, list(items)))

@@ -86,6 +86,17 @@ class SFTConfig:
     max_steps: int = -1
     merge: bool = False
 
+    def inputs(self) -> dict[str, Optional[str]]:
+        """{config key: source} the SFT stage reads; None stands for the generate stage's output."""
+        if self.data:
+            return {"sft.data": self.data}
+        wanted: dict[str, Optional[str]] = {}
+        if self.helpful_ratio < 1:
+            wanted["sft.revisions"] = self.revisions
+        if self.helpful_ratio > 0:
+            wanted["sft.helpful"] = self.helpful
+        return wanted
+
     def validate(self, key: str = "sft") -> None:
         _fraction(f"{key}.helpful_ratio", self.helpful_ratio)
         if self.data and (self.revisions or self.helpful):
