@@ -39,11 +39,11 @@ STAGES = ("generate", "sft", "dpo", "evaluate")
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = True  # Record runs in MLflow (false: nothing is recorded).
     # None means sqlite:///{output_dir}/mlflow.db; on a cluster, the MLflow server on the
     # head (jobs/mlflow_server.sh), e.g. http://HEAD_IP:5000.
     uri: Optional[str] = None
-    experiment: str = "cai_ray"
+    experiment: str = "cai_ray"  # MLflow experiment name.
     # Where a new experiment keeps its artifacts.  None: {output_dir}/mlartifacts for a local
     # store, the server's own artifact destination for an http(s) tracking server.
     artifact_root: Optional[str] = None
@@ -51,7 +51,7 @@ class TrackingConfig:
     # if it still fails, its points are dropped and counted, never failing the work, and
     # calls in the next pause_s seconds are dropped at once before the store is tried again.
     retries: int = 4
-    pause_s: float = 30.0
+    pause_s: float = 30.0  # Seconds calls are dropped after a failed call (see retries).
 
     def validate(self, key: str = "tracking") -> None:
         if not self.experiment:
@@ -64,10 +64,11 @@ class TrackingConfig:
 class RuntimeConfig:
     # None: RAY_ADDRESS if set (also inside a Ray Job), else a private local Ray.
     address: Optional[str] = None
-    num_cpus: Optional[int] = None
-    num_gpus: Optional[int] = None
+    num_cpus: Optional[int] = None  # Local Ray only: CPUs it may use (None: all).
+    num_gpus: Optional[int] = None  # Local Ray only: GPUs it may use (None: all).
     # Local Ray only: keep every Ray port on 127.0.0.1.
     loopback: bool = True
+    # Local Ray only: its session folder (None: a short path under the system temp dir).
     temp_dir: Optional[str] = None
     # Ray Train storage; None means {output_dir}/ray_storage.  Made absolute.
     storage_path: Optional[str] = None
@@ -95,9 +96,9 @@ class RuntimeConfig:
 
 @dataclass
 class Config:
-    name: str = "cai_ray"
-    output_dir: str = "outputs"
-    seed: int = 0
+    name: str = "cai_ray"  # Run name: prefixes the MLflow run names (NAME-generate, NAME-sft, ...).
+    output_dir: str = "outputs"  # Folder for every stage folder, logs and the local MLflow store.
+    seed: int = 0  # Seed for the training data order and sampling; part of every stage hash.
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
