@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 from cai_ray import console
+from cai_ray.files import write_atomic
 
 # MLflow errors no retry can fix: the call is dropped at once (and counted).
 PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
