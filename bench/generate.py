@@ -365,7 +365,7 @@ def run_vllm_chain(args, root: Path, model: str, data: Path) -> tuple[list[dict]
     import pyarrow.parquet as pq
     import ray
 
-    from cai_ray.config import stage_dir
+    from cai_ray.config import stage_folder
     from cai_ray.runtime import init_ray
 
     out, chains = [], None
@@ -381,7 +381,7 @@ def run_vllm_chain(args, root: Path, model: str, data: Path) -> tuple[list[dict]
         row["budget"] = "1 actor x 1 CPU + vLLM procs"
         row["note"] += "; start s = engine start, inside the stage's total"
         out.append(row)
-        chains = pq.read_table(stage_dir(cfg, "generate") / "chains").to_pylist()
+        chains = pq.read_table(stage_folder(cfg, "generate") / "chains").to_pylist()
     out.append(bench_ceiling(cfg, chains))
     t = {"e1": out[0], "eN": out[1], "f": out[2]}
     ratios = [_ratio(t, "eN", "f"), _ratio(t, "eN", "e1"), _ratio(t, "e1", "f")]

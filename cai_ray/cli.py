@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         dest="action", metavar="ACTION", required=True)
     show = config.add_parser("show", help="print the resolved, validated config")
     _config_args(show)
+    doc = config.add_parser("doc", help="print every config key: its type, default and meaning")
+    doc.add_argument("section", nargs="?", metavar="SECTION", help="only this section (e.g. train)")
     for name, (_, text) in {**STAGES, **PIPELINES}.items():
         _config_args(sub.add_parser(name, help=text, description=text, epilog=EPILOGS.get(name),
                                     formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -151,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in TOOLS:
             return _call(TOOLS[argv[0]][0], argv[1:]) or 0
         args = _parser().parse_args(argv)
+        if args.command == "config" and args.action == "doc":
+            from cai_ray.config.doc import reference
+
+            print(reference(args.section), end="")
+            return 0
         from cai_ray.config import load_config, to_yaml
 
         cfg = load_config(args.config, args.overrides)

@@ -24,12 +24,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from cai_ray import console
-from cai_ray.config import STAGE_SECTIONS, ArmConfig, Config, EvalSetConfig, stage_dir, stage_hash, to_dict
+from cai_ray.config import STAGE_SECTIONS, ArmConfig, Config, EvalSetConfig, stage_folder, stage_hash, to_dict
 from cai_ray.evaluation import sweep as sweep_analysis
 from cai_ray.evaluation.iterate import judge_step, log_iterations, metrics_of, policy_rows
 from cai_ray.evaluation.rating import judge_starts
 from cai_ray.evaluation.sets import load_eval_sets
-from cai_ray.tracking import Store, flatten, stage_run, write_atomic
+from cai_ray.files import write_atomic
+from cai_ray.tracking import Store, flatten, stage_run
 
 PIPELINE = ("generate", "sft", "dpo", "evaluate")
 CAPABILITY_SET = "samples:capability_eval"
@@ -292,10 +293,8 @@ def sweep(cfg: Config, store: Store) -> dict:
     sizes, clipped = sweep_sizes(cfg.sweep.sizes, available)
     if not sizes:
         raise RuntimeError(f"sweep: the generate stage produced no pairs ({pairs})")
-    # Subsets are cut from one pair file: name their folder by it (as before for revision pairs).
-    source = Path(generate["output"]).name if cfg.dpo.pairs == "revisions" \
-        else f"{cfg.dpo.pairs}-{fingerprint(str(pairs))[:12]}"
-    root = stage_dir(cfg, "generate").parent.parent / "sweep" / source
+    # Subsets are cut from one pair file: their folder is named by it (revision pairs by the generate hash).
+    root = stage_folder(cfg, "sweep", pairs_sha256=None if cfg.dpo.pairs == "revisions" else fingerprint(str(pairs)))
     # DPO seed i starts from SFT seed i mod len(sft_seeds).
     jobs = [(n, path, seed, i) for i, seed in enumerate(cfg.sweep.seeds)
             for n, path in nested_subsets(pairs, sizes, seed, root).items()]

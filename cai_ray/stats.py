@@ -147,6 +147,8 @@ def paired_units(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, see
     return Paired(float(diff.mean()), lo, hi, int(x.size), b_better, a_better, min(1.0, p))
 
 
+# Kept over sklearn.metrics.cohen_kappa_score (installed only as mlflow's dependency, not ours): it
+# returns nan with a warning where kappa is undefined (p_e = 1); this returns None beside the agreement and n.
 def cohen_kappa(a: Sequence, b: Sequence) -> Kappa:
     """Cohen's kappa of two raters' labels on the same items (yes/no, or any categories).
 

@@ -109,14 +109,33 @@ def _submit_when_ready(jobs, job: dict, metadata: dict, wait_s: float = 120.0) -
 
 
 def follow(jobs, job_id: str, poll_s: float = 2.0) -> int:
-    """Stream the job's logs until it ends; the exit code says how it ended."""
-    seen = 0
+    """Stream the job's logs until it ends; the exit code says how it ended.
+
+    Ray's log tail (a websocket) sends each new chunk once; only if it breaks before the job
+    ends do we fall back to polling, which downloads the whole log each time."""
+    import asyncio
+
+    shown = 0
+
+    async def tail():
+        nonlocal shown
+        async for chunk in jobs.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+            shown += len(chunk)
+
+    try:
+        asyncio.run(tail())
+        broken = False
+    except RuntimeError:  # closed unexpectedly (a dashboard restart, a dropped tunnel)
+        broken = True
     while True:
         status = str(jobs.get_job_status(job_id)).split(".")[-1]
-        logs = jobs.get_job_logs(job_id)
-        sys.stdout.write(logs[seen:])
-        sys.stdout.flush()
-        seen = len(logs)
+        if broken:
+            logs = jobs.get_job_logs(job_id)
+            sys.stdout.write(logs[shown:])
+            sys.stdout.flush()
+            shown = len(logs)
         if status in TERMINAL:
             print(f"job {job_id}: {status}")
             return 0 if status == "SUCCEEDED" else 1

@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import socket
-import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 from cai_ray import console
+from cai_ray.files import write_atomic
 
 # MLflow errors no retry can fix: the call is dropped at once (and counted).
 PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
@@ -482,22 +482,3 @@ def stage_run(parent: Store, name: str, tags: dict[str, Any] | None = None) -> I
         child.end("FAILED")
         raise
     child.end("FINISHED")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file and rename so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        # mkstemp makes owner-only files; outputs are meant to be read by the team.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as exc:  # a full disk or a stop: no temp file left behind, the error names the file
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
-        raise

@@ -32,18 +32,18 @@ __all__ = ["STAGES", "ConfigError", "ModelConfig", "EngineConfig", "SamplingConf
            "SFTConfig", "DPOConfig", "LabelConfig", "JudgeConfig", "EVAL_KINDS", "EVAL_FORMATS", "EvalSetConfig",
            "ArmConfig", "FailureLimits", "EvaluateConfig", "IterateConfig", "SweepConfig", "EstimateConfig",
            "TrackingConfig", "RuntimeConfig", "Config", "load_config", "to_dict", "to_yaml", "STAGE_SECTIONS",
-           "RESOURCE_KEYS", "stage_hash", "stage_dir"]
+           "RESOURCE_KEYS", "stage_hash", "stage_folder"]
 
 STAGES = ("generate", "sft", "dpo", "evaluate")
 
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = True  # Record runs in MLflow (false: nothing is recorded).
     # None means sqlite:///{output_dir}/mlflow.db; on a cluster, the MLflow server on the
     # head (jobs/mlflow_server.sh), e.g. http://HEAD_IP:5000.
     uri: Optional[str] = None
-    experiment: str = "cai_ray"
+    experiment: str = "cai_ray"  # MLflow experiment name.
     # Where a new experiment keeps its artifacts.  None: {output_dir}/mlartifacts for a local
     # store, the server's own artifact destination for an http(s) tracking server.
     artifact_root: Optional[str] = None
@@ -51,7 +51,7 @@ class TrackingConfig:
     # if it still fails, its points are dropped and counted, never failing the work, and
     # calls in the next pause_s seconds are dropped at once before the store is tried again.
     retries: int = 4
-    pause_s: float = 30.0
+    pause_s: float = 30.0  # Seconds calls are dropped after a failed call (see retries).
 
     def validate(self, key: str = "tracking") -> None:
         if not self.experiment:
@@ -64,10 +64,11 @@ class TrackingConfig:
 class RuntimeConfig:
     # None: RAY_ADDRESS if set (also inside a Ray Job), else a private local Ray.
     address: Optional[str] = None
-    num_cpus: Optional[int] = None
-    num_gpus: Optional[int] = None
+    num_cpus: Optional[int] = None  # Local Ray only: CPUs it may use (None: all).
+    num_gpus: Optional[int] = None  # Local Ray only: GPUs it may use (None: all).
     # Local Ray only: keep every Ray port on 127.0.0.1.
     loopback: bool = True
+    # Local Ray only: its session folder (None: a short path under the system temp dir).
     temp_dir: Optional[str] = None
     # Ray Train storage; None means {output_dir}/ray_storage.  Made absolute.
     storage_path: Optional[str] = None
@@ -95,9 +96,9 @@ class RuntimeConfig:
 
 @dataclass
 class Config:
-    name: str = "cai_ray"
-    output_dir: str = "outputs"
-    seed: int = 0
+    name: str = "cai_ray"  # Run name: prefixes the MLflow run names (NAME-generate, NAME-sft, ...).
+    output_dir: str = "outputs"  # Folder for every stage folder, logs and the local MLflow store.
+    seed: int = 0  # Seed for the training data order and sampling; part of every stage hash.
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -225,13 +226,12 @@ RESOURCE_KEYS = {
               "resources", "labels"),
     "judge": ("replicas", "num_cpus", "num_gpus", "host", "port", "max_ongoing_requests",
               "max_queued_requests", "resources", "labels"),
-    # Traces record the verdicts for people to review; they never change them.
-    "evaluate": ("trace", "review_sample"),
+    # Traces record the verdicts for people to review, and which requests choose (iterate's stop
+    # rule) changes no rating: neither changes an evaluation's numbers.
+    "evaluate": ("trace", "review_sample", "selection_share"),
     # The check measures the feedback model; it never changes the labels.
     "label": ("actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size", "check", "check_data",
               "resources", "labels"),
-    # Which requests choose (iterate's stop rule) changes no rating.
-    "evaluate": ("selection_share",),
 }
 
 
@@ -253,5 +253,51 @@ def stage_hash(cfg: Config, stage: str, upstream: tuple[str, ...] = ()) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def stage_dir(cfg: Config, stage: str, upstream: tuple[str, ...] = ()) -> Path:
-    return cfg.output_root / stage / stage_hash(cfg, stage, upstream)
+def _upstream(cfg: Config, kind: str, arms: dict | None, items: list) -> tuple[str, ...]:
+    """What a stage reads from outside its own sections: the stages before it (by hash or
+    folder name) and what the config names by reference (content, paths, resolved arms)."""
+    if kind in ("sft", "dpo"):
+        upstream = []
+        reads_generate = None in cfg.sft.inputs().values() if kind == "sft" else cfg.dpo.data is None
+        if reads_generate:
+            upstream.append(f"generate:{stage_hash(cfg, 'generate')}")
+        if kind == "dpo" and cfg.dpo.sft_adapter is None:
+            upstream.append(f"sft:{stage_folder(cfg, 'sft').name}")
+        return tuple(upstream)
+    if kind == "label":  # the constitution's content and the policy (a folder, or the sft output)
+        from cai_ray.constitution import load_constitution
+
+        constitution = load_constitution(cfg.label.constitution or cfg.generate.constitution)
+        policy = cfg.label.policy or cfg.dpo.sft_adapter
+        return (f"constitution:{constitution.hash}",
+                f"policy:{Path(policy).expanduser().resolve()}" if policy else f"sft:{stage_folder(cfg, 'sft').name}")
+    if kind == "evaluate":  # the quality screen, each resolved arm's adapter and its content, the request ids
+        return (json.dumps(asdict(cfg.generate.quality), sort_keys=True),
+                *(f"{n}:{a['adapter']}:{a['adapter_sha256']}" for n, a in (arms or {}).items()),
+                hashlib.sha256("\n".join(sorted(f"{r['set']}:{r['id']}" for r in items)).encode()).hexdigest())
+    return ()
+
+
+def _check_key(cfg: Config, rows: list[dict]) -> str:
+    """What decides a judge check's outcome: the judge's model, engine and sampling, and the rows."""
+    j = cfg.judge
+    decided = {"model": asdict(j.model), "engine": {k: v for k, v in asdict(j.engine).items() if k != "batch_size"},
+               "sampling": asdict(j.sampling), "harm_rubric": j.harm_rubric, "min_accuracy": j.min_accuracy,
+               "rows": [[r["id"], r["verdict"], r["label"], r["request"], r["response"]] for r in rows]}
+    return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def stage_folder(cfg: Config, kind: str, *, arms: dict | None = None, items: list = (), rows: list = (),
+                 pairs_sha256: str | None = None) -> Path:
+    """The one place a stage's folder is named: ``{output_dir}/{kind}/{hash}``.
+
+    generate, sft, dpo, label: the config alone.  evaluate: also its resolved ``arms`` and the
+    ``items`` rated.  judge-check: the check ``rows``.  sweep: its pair file, by the generate
+    hash for revision pairs, else by ``pairs_sha256`` (the file's sha256).
+    """
+    if kind == "judge-check":
+        return cfg.output_root / kind / _check_key(cfg, list(rows))
+    if kind == "sweep":
+        name = stage_hash(cfg, "generate") if cfg.dpo.pairs == "revisions" else f"{cfg.dpo.pairs}-{pairs_sha256[:12]}"
+        return cfg.output_root / kind / name
+    return cfg.output_root / kind / stage_hash(cfg, kind, _upstream(cfg, kind, arms, list(items)))

@@ -24,25 +24,26 @@ class JudgeConfig:
     # evaluate; `cai-ray judge --check` runs only that.  Rows: id, kind (harm|benign), request,
     # response and the verdict columns of cai_ray/stages/judge_check.py (attack_success, refused).
     check: bool = True
+    # Extra labelled check files (same columns as the shipped set).
     check_data: list[str] = field(default_factory=list)
     # A rubric whose check accuracy has its 95% Wilson lower bound below this is SUSPECT.
     min_accuracy: float = 0.7
     # Rows per verdict column taken from the check set (None: all), in file order; for quick runs.
     check_limit: Optional[int] = None
-    replicas: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    replicas: int = 1  # Ray Serve replicas of the judge.
+    num_cpus: float = 1.0  # CPUs each replica requests.
+    num_gpus: float = 0.0  # GPUs each replica requests.
     # Placement per replica on top of CPUs/GPUs, as in generate.resources / generate.labels.
     resources: dict[str, float] = field(default_factory=dict)
-    labels: dict[str, str] = field(default_factory=dict)
-    host: str = "127.0.0.1"
-    port: int = 8321
+    labels: dict[str, str] = field(default_factory=dict)  # Ray node label selector for the replicas.
+    host: str = "127.0.0.1"  # Address the judge's HTTP endpoint binds.
+    port: int = 8321  # Port of the judge's HTTP endpoint.
     # Requests each evaluate scorer keeps in flight, so the replicas' engines can batch them
     # (vLLM continuously; hf merges the requests waiting while its last call ran).
     max_batch_size: int = 16
-    max_ongoing_requests: int = 64
-    max_queued_requests: int = 512
-    max_request_chars: int = 20000
+    max_ongoing_requests: int = 64  # Ray Serve: requests one replica works on at once.
+    max_queued_requests: int = 512  # Ray Serve: requests waiting before new ones are refused.
+    max_request_chars: int = 20000  # Longest request (prompt + response) the judge takes; longer ones get HTTP 413.
 
     def validate(self, key: str = "judge") -> None:
         if self.model.path:
@@ -91,10 +92,10 @@ class EvalSetConfig:
 
 @dataclass
 class ArmConfig:
-    name: str = MISSING
+    name: str = MISSING  # Arm name, as shown in the report.
     # Model folder or hub id; None means the pipeline's base model.
     model: Optional[str] = None
-    role: str = "base"
+    role: str = "base"  # base or instruct (the arm's model).
     # None, "sft", "dpo" (this pipeline's adapters) or a path to a PEFT folder.
     adapter: Optional[str] = None
     # None: evaluate.format, shared by every arm.  "chat" puts an instruct baseline behind its own
@@ -130,17 +131,19 @@ class FailureLimits:
 
 @dataclass
 class EvaluateConfig:
+    # Eval sets; an entry may be a plain source string.
     sets: list[EvalSetConfig] = field(default_factory=lambda: [
         EvalSetConfig(source="samples:red_team_eval"), EvalSetConfig(source="samples:benign_eval"),
         EvalSetConfig(source="samples:capability_eval")])
+    # Policies compared on the same requests.
     arms: list[ArmConfig] = field(default_factory=lambda: [ArmConfig(name="base")])
     # The prompt every arm gets: zero_shot is the Human/Assistant turn SFT and DPO train on;
     # few_shot puts evaluate.few_shot benign, helpful demonstrations before it (never a reply to a
     # harmful request), for all arms alike.
     format: str = "zero_shot"
-    few_shot: int = 2
-    allow_mixed_formats: bool = False
-    samples_per_prompt: int = 1
+    few_shot: int = 2  # Demonstrations with format=few_shot.
+    allow_mixed_formats: bool = False  # Compare arms with different prompt formats without marking them INVALID.
+    samples_per_prompt: int = 1  # Responses per request and arm.
     # max_new_tokens left unset here takes generate.sampling.max_new_tokens (see evaluate_defaults):
     # a shorter budget would cut replies the policy was trained to finish.
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -149,7 +152,7 @@ class EvaluateConfig:
     max_share: FailureLimits = field(default_factory=FailureLimits)
     # Below this Cohen's kappa between the judge and the refusal-phrase rater, the judge is SUSPECT.
     min_rater_kappa: float = 0.4
-    bootstrap: int = 2000
+    bootstrap: int = 2000  # Bootstrap resamples for the intervals.
     # Judge verdicts as MLflow traces on the evaluate run, for people to open and mark in the UI:
     # none, sample (only the review sample) or all (every judge call; costs store time and space,
     # about 0.1 s and 10 kB per trace on sqlite).
@@ -201,18 +204,18 @@ class IterateConfig:
     The stop rule reads the selection split of the eval sets (evaluate.selection_share); `run`
     returns the last policy the rule accepted, and reports every policy on the other requests."""
 
-    iterations: int = 1
+    iterations: int = 1  # RL-CAI iterations of `run` (1: one label + DPO pass).
     # The harm metric (an evaluate report key, lower is better: asr or asr_keyword), compared with
     # the previous policy request by request.  An iteration whose paired difference is above zero
     # beyond its interval (worse), or that lowers it by less than min_improvement without an
     # interval wholly below zero, is rejected and stops the run.
     metric: str = "asr"
-    min_improvement: float = 0.02
+    min_improvement: float = 0.02  # Smallest fall of the metric an iteration must bring (see metric).
     # Costs: stop once over-refusal rises above, or helpfulness falls below, its limit (None: no limit).
     over_refusal_metric: str = "over_refusal"
-    max_over_refusal: Optional[float] = None
-    helpfulness_metric: str = "helpfulness"
-    min_helpfulness: Optional[float] = None
+    max_over_refusal: Optional[float] = None  # Over-refusal limit (see above).
+    helpfulness_metric: str = "helpfulness"  # helpfulness or cap_helpfulness.
+    min_helpfulness: Optional[float] = None  # Helpfulness limit, a 1-5 judge score (see above).
 
     def validate(self, key: str = "iterate") -> None:
         _positive(f"{key}.iterations", self.iterations)
@@ -232,8 +235,9 @@ class SweepConfig:
     """`cai-ray sweep`: DPO on nested pair subsets x seeds, every point and SFT-only evaluated as arms
     of one evaluate (same requests), each size compared with SFT-only request by request."""
 
+    # Pair counts of the nested subsets (clipped to the pairs there are).
     sizes: list[int] = field(default_factory=lambda: [42, 1000, 10000, 161000])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # DPO seeds per size.
     # Seeds of the SFT-only baseline: one SFT (and SFT-only arm) per seed; DPO seed i starts from
     # SFT seed i mod len(sft_seeds).  One seed holds SFT training variance fixed (the report says so).
     sft_seeds: list[int] = field(default_factory=lambda: [0])
@@ -242,13 +246,13 @@ class SweepConfig:
     # "Beats" at a size: every metric here (asr: the judge; asr_keyword: the refusal-phrase rater)
     # falls below SFT-only with a Holm-adjusted p (across the sweep's sizes) under alpha ...
     harm_metrics: list[str] = field(default_factory=lambda: ["asr", "asr_keyword"])
-    alpha: float = 0.05
+    alpha: float = 0.05  # Significance level of the Holm-adjusted test (see harm_metrics).
     # ... and no cost passes its limit (differences from SFT-only; None: no limit; a cost no set
     # measures is not checked and the answer says so): over-refusal may rise by at most this
     # (both raters), helpfulness and capability (1-5 judge scores) fall by at most these.
     max_over_refusal_rise: Optional[float] = 0.05
-    max_helpfulness_drop: Optional[float] = 0.25
-    max_capability_drop: Optional[float] = 0.25
+    max_helpfulness_drop: Optional[float] = 0.25  # Largest fall in helpfulness (see above).
+    max_capability_drop: Optional[float] = 0.25  # Largest fall in capability (see above).
     # Which end of a cost's difference meets its limit: "estimate" (the point estimate) or
     # "interval" (its worse end: the data must rule the larger cost out).
     cost_bound: str = "estimate"
@@ -266,8 +270,8 @@ class SweepConfig:
     # responses to one request (None: 1 in the plan, i.e. a request's responses count once;
     # the sweep measures it on its SFT-only arm).
     base_rate: float = 0.88
-    icc: Optional[float] = None
-    power: float = 0.8
+    icc: Optional[float] = None  # Intraclass correlation (see base_rate).
+    power: float = 0.8  # Power the plan aims for (see base_rate).
 
     def validate(self, key: str = "sweep") -> None:
         if not self.sizes or any(s <= 0 for s in self.sizes):
@@ -310,8 +314,8 @@ class EstimateConfig:
     calibration_prompts: Optional[int] = None
     # Processed tokens (prompt + completion) per second per device.
     generate_tokens_per_s: float = 20000.0
-    train_tokens_per_s: float = 6000.0
-    judge_tokens_per_s: float = 20000.0
+    train_tokens_per_s: float = 6000.0  # Training tokens per second per device.
+    judge_tokens_per_s: float = 20000.0  # Judge tokens per second per device.
     # Price of one device-hour (GPU, or CPU actor when running on CPU).
     device_hour_cost: float = 1.0
 

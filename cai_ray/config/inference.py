@@ -18,9 +18,9 @@ class ModelConfig:
     # "base" models get the few-shot Human/Assistant format, "instruct" models
     # their own chat template: the format follows the role, never a guess.
     role: str = "base"
-    dtype: str = "float32"
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
+    dtype: str = "float32"  # Weights dtype when loading: float32, bfloat16, float16 or auto.
+    revision: Optional[str] = None  # Hub revision (branch, tag or commit); None: the default branch.
+    trust_remote_code: bool = False  # Run the model repo's own Python code; off unless the model needs it.
 
     def validate(self, key: str = "model") -> None:
         if not self.path:
@@ -31,17 +31,18 @@ class ModelConfig:
 
 @dataclass
 class EngineConfig:
-    backend: str = "hf"
-    device: str = "auto"
-    batch_size: int = 16
+    backend: str = "hf"  # Inference engine: hf (transformers, CPU or GPU) or vllm.
+    device: str = "auto"  # auto, cpu or cuda.
+    batch_size: int = 16  # Rows per engine call.
     # Reuse computed prompt KV: vLLM's automatic prefix caching; in the hf backend the
     # few-shot prefix a batch shares, and prompts extending the previous call's.
     enable_prefix_caching: bool = True
     # vLLM only; ignored by the hf backend.
     tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
-    enforce_eager: bool = False
-    max_model_len: Optional[int] = None
+    gpu_memory_utilization: float = 0.85  # vLLM only: share of GPU memory vLLM may take, in (0, 1].
+    enforce_eager: bool = False  # vLLM only: no CUDA graphs (always eager on CPU).
+    max_model_len: Optional[int] = None  # vLLM only: context length; None: the model's.
+    # vLLM only: the largest LoRA rank it loads; the DPO adapter needs (1 + iterate.iterations) x train.lora.r.
     max_lora_rank: int = 16
     # vLLM only: hand the callers' per-row seeds (chains, feedback samples, evaluate arms) to
     # its sampler, so a row samples the same text whichever rows share its batch, as far as
@@ -66,10 +67,10 @@ class EngineConfig:
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
+    temperature: float = 0.7  # Sampling temperature; 0 is greedy.
+    top_p: float = 1.0  # Nucleus sampling share, in (0, 1].
+    max_new_tokens: int = 128  # Most tokens generated per reply; longer replies are cut (truncated).
+    min_new_tokens: int = 0  # Fewest tokens generated before a stop may end a reply.
     # Per-row seeds derive from this seed and the row id, so results do not
     # depend on how rows were batched or sharded.
     seed: int = 0
@@ -97,14 +98,14 @@ class DataConfig:
     # "samples:NAME" (shipped with the repo), a .jsonl/.parquet file, a local
     # Hugging Face dataset folder, or a hub id (needs network).
     source: str = "samples:red_team"
-    split: str = "train"
+    split: str = "train"  # Dataset split to read (folders and hub ids).
     # Column holding the prompt; "chosen" with layout=hh-rlhf.
     field: str = "prompt"
-    layout: str = "plain"
+    layout: str = "plain"  # plain (one prompt column) or hh-rlhf (a dialogue; the prompt is cut from it).
     # hh-rlhf only: the first Human turn, or every turn up to the last Assistant.
     hh_mode: str = "first_turn"
-    limit: Optional[int] = None
-    dedupe: bool = True
+    limit: Optional[int] = None  # Keep the first N prompts (after dedupe); None: all.
+    dedupe: bool = True  # Drop prompts whose id repeats, keeping the first.
     # What a prompt is for: "harm" (critique/revision chains and pairs) or "helpful" (a plain
     # reply for the SL-CAI mix).  Rows take it from their hh-rlhf subset, else from a "purpose"
     # column, else from this default.
@@ -148,21 +149,21 @@ class QualityConfig:
 
 @dataclass
 class GenerateConfig:
-    constitution: str = "default"
+    constitution: str = "default"  # Principles for critiques and revisions: default (shipped) or a YAML file.
     # Number of few-shot examples before each prompt (k).
     few_shot: int = 2
     # Benign demonstrations before each helpful-purpose prompt.
     helpful_few_shot: int = 2
-    rounds: int = 1
-    actors: int = 1
-    num_cpus_per_actor: float = 1.0
-    num_gpus_per_actor: float = 0.0
+    rounds: int = 1  # Critique/revision rounds per harm prompt.
+    actors: int = 1  # Engine actors generating in parallel.
+    num_cpus_per_actor: float = 1.0  # CPUs each actor requests.
+    num_gpus_per_actor: float = 0.0  # GPUs each actor requests.
     # Placement on a cluster, on top of CPUs/GPUs: custom resources each actor requests
     # (e.g. {generate: 1}) and a Ray node label selector (e.g. {node-group: gen}).
     # evaluate's arm generation runs with these settings too.
     resources: dict[str, float] = field(default_factory=dict)
-    labels: dict[str, str] = field(default_factory=dict)
-    batch_size: int = 16
+    labels: dict[str, str] = field(default_factory=dict)  # Ray node label selector for the actors (see resources).
+    batch_size: int = 16  # Rows per batch sent to an actor.
     # Batches one actor works on at once.  With engine.backend=vllm their rows join one
     # continuously batching engine, so more of them keep it full (aim for a few hundred rows
     # per actor); the hf engine runs one call at a time and gains nothing from more than 1.

@@ -11,10 +11,11 @@ from cai_ray.config.inference import SamplingConfig
 
 @dataclass
 class LoraConfig:
-    enabled: bool = True
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    enabled: bool = True  # Train a LoRA adapter (false: full fine-tuning).
+    r: int = 16  # LoRA rank.
+    alpha: int = 32  # LoRA scaling alpha.
+    dropout: float = 0.05  # Dropout on the LoRA input.
+    # Modules that get a LoRA adapter.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def validate(self, key: str) -> None:
@@ -29,21 +30,21 @@ class LoraConfig:
 class TrainConfig:
     """How training runs: shared by the sft and dpo stages."""
 
-    workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    workers: int = 2  # Ray Train workers (one training process each).
+    use_gpu: bool = False  # One GPU per worker.
+    cpus_per_worker: float = 1.0  # CPUs each worker requests.
     # Placement per worker on top of CPUs/GPUs, as in generate.resources / generate.labels.
     resources: dict[str, float] = field(default_factory=dict)
-    labels: dict[str, str] = field(default_factory=dict)
-    zero_stage: int = 2
-    precision: str = "fp32"
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 512
-    checkpoint_every: int = 50
+    labels: dict[str, str] = field(default_factory=dict)  # Ray node label selector for the workers.
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 0, 1, 2 or 3.
+    precision: str = "fp32"  # fp32, bf16 or fp16 (fp16 needs GPUs).
+    batch_size: int = 4  # Examples per worker per micro-step.
+    grad_accum: int = 1  # Micro-steps per optimizer step (global batch = batch_size x grad_accum x workers).
+    max_length: int = 512  # Tokens per example; longer ones are cut from the end.
+    checkpoint_every: int = 50  # Steps between checkpoints (resume points).
     # Metrics go to MLflow every N steps; ray.train.report is a barrier.
     log_every: int = 10
-    max_failures: int = 1
+    max_failures: int = 1  # Times Ray Train restarts a failed run from its last checkpoint.
     # A fresh run never picks up an older checkpoint unless this is true.
     resume: bool = False
     # Recompute each decoder layer's activations in backward instead of keeping them:
@@ -78,13 +79,24 @@ class SFTConfig:
     # the generate stage's helpful.parquet; or a file / samples:helpful_sft), with this share of
     # helpful rows: 0 = revisions only, 1 = helpful only.
     revisions: Optional[str] = None
-    helpful: Optional[str] = None
-    helpful_ratio: float = 0.5
-    lr: float = 2e-4
-    epochs: int = 1
+    helpful: Optional[str] = None  # Helpful rows of the mix (see revisions above).
+    helpful_ratio: float = 0.5  # Share of helpful rows in the mix: 0 revisions only, 1 helpful only.
+    lr: float = 2e-4  # Learning rate.
+    epochs: int = 1  # Passes over the data.
     # Stop after this many optimizer steps (-1: run the epochs).
     max_steps: int = -1
-    merge: bool = False
+    merge: bool = False  # Also write the base model with the adapter merged in.
+
+    def inputs(self) -> dict[str, Optional[str]]:
+        """{config key: source} the SFT stage reads; None stands for the generate stage's output."""
+        if self.data:
+            return {"sft.data": self.data}
+        wanted: dict[str, Optional[str]] = {}
+        if self.helpful_ratio < 1:
+            wanted["sft.revisions"] = self.revisions
+        if self.helpful_ratio > 0:
+            wanted["sft.helpful"] = self.helpful
+        return wanted
 
     def validate(self, key: str = "sft") -> None:
         _fraction(f"{key}.helpful_ratio", self.helpful_ratio)
@@ -106,12 +118,12 @@ class DPOConfig:
     pairs: str = "revisions"
     # The frozen reference/starting policy; None means the sft stage's adapter.
     sft_adapter: Optional[str] = None
-    loss: str = "sigmoid"
-    beta: float = 0.1
-    lr: float = 5e-5
-    epochs: int = 1
-    max_steps: int = -1
-    merge: bool = False
+    loss: str = "sigmoid"  # sigmoid (DPO), ipo or soft (DPO on the pairs' soft labels).
+    beta: float = 0.1  # DPO beta: how far the policy may move from the reference.
+    lr: float = 5e-5  # Learning rate.
+    epochs: int = 1  # Passes over the pairs.
+    max_steps: int = -1  # Stop after this many optimizer steps (-1: run the epochs).
+    merge: bool = False  # Also write the base model with the adapters merged in.
 
     def validate(self, key: str = "dpo") -> None:
         _choice(f"{key}.loss", self.loss, ("sigmoid", "ipo", "soft"))
@@ -135,7 +147,7 @@ class LabelConfig:
     # The feedback model: None is the base model (model.path), "sft" the SL-CAI policy
     # (base + SFT adapter), anything else a model folder used with feedback_role.
     feedback: Optional[str] = None
-    feedback_role: str = "base"
+    feedback_role: str = "base"  # Role of a feedback model folder; only base is allowed.
     # Worked comparisons before each question (k).
     few_shot: int = 2
     # [lo, hi] bounds for the soft label, e.g. [0.4, 0.6]; None keeps the probability.
@@ -143,11 +155,11 @@ class LabelConfig:
     # Pairs whose averaged probability lies within this of 0.5 are dropped.
     margin: float = 0.0
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
-    actors: int = 1
-    num_cpus_per_actor: float = 1.0
-    num_gpus_per_actor: float = 0.0
-    batch_size: int = 16
-    max_error_rate: float = 0.05
+    actors: int = 1  # Engine actors labelling in parallel.
+    num_cpus_per_actor: float = 1.0  # CPUs each actor requests.
+    num_gpus_per_actor: float = 0.0  # GPUs each actor requests.
+    batch_size: int = 16  # Rows per batch sent to an actor.
+    max_error_rate: float = 0.05  # The job fails only when more rows than this fraction end as errors.
     # Score the check pairs first (a child run), so every set of labels comes with the
     # feedback model's measured accuracy; `label --check` runs only that.
     check: bool = True
@@ -155,7 +167,7 @@ class LabelConfig:
     check_data: list[str] = field(default_factory=list)
     # Placement per actor on top of CPUs/GPUs, as in generate.resources / generate.labels.
     resources: dict[str, float] = field(default_factory=dict)
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # Ray node label selector for the actors.
 
     def validate(self, key: str = "label") -> None:
         _choice(f"{key}.feedback_role", self.feedback_role, ("base", "instruct"))

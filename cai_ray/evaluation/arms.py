@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from cai_ray import console, quality
-from cai_ray.config import ArmConfig, Config, ModelConfig
+from cai_ray.config import ArmConfig, Config, ModelConfig, stage_folder
 from cai_ray.constitution.fewshot import HELPFUL_EXAMPLES
 from cai_ray.constitution.format import SEPARATOR, clean, conversation_prompt, spaced, stops_for
 
@@ -43,7 +43,7 @@ def eval_prompt(request: str, fmt: str) -> str:
 
 def _adapter(cfg: Config, i: int, arm: ArmConfig) -> str | None:
     """A PEFT folder for the arm: a path as given, or this pipeline's sft/dpo output."""
-    from cai_ray.train.driver import MANIFEST, output_dir
+    from cai_ray.train.driver import MANIFEST
 
     key = f"evaluate.arms[{i}].adapter"
     if arm.adapter is None:
@@ -53,15 +53,15 @@ def _adapter(cfg: Config, i: int, arm: ArmConfig) -> str | None:
         if not (path / "adapter_config.json").is_file():
             raise ValueError(f"{key}={arm.adapter}: not a PEFT adapter folder (no adapter_config.json)")
         return str(path.resolve())
-    own = output_dir(cfg, arm.adapter)
+    own = stage_folder(cfg, arm.adapter)
     if (own / MANIFEST).is_file() and (own / "adapter" / "adapter_config.json").is_file():
         return str(own / "adapter")
-    found = sorted(p for p in (cfg.output_root / arm.adapter).glob("*/adapter")
+    found = sorted(p for p in own.parent.glob("*/adapter")
                    if (p.parent / MANIFEST).is_file() and (p / "adapter_config.json").is_file())
     if len(found) == 1:
         return str(found[0])
     what = "no finished" if not found else f"{len(found)} finished (none for this config)"
-    raise ValueError(f"{key}={arm.adapter}: {what} {arm.adapter} adapters under {cfg.output_root / arm.adapter}; "
+    raise ValueError(f"{key}={arm.adapter}: {what} {arm.adapter} adapters under {own.parent}; "
                      f"pass the folder, e.g. {key}=PATH/{arm.adapter}/HASH/adapter")
 
 

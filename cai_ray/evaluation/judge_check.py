@@ -17,14 +17,13 @@ that metric's judge column so.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional
 
-from cai_ray.config import Config, JudgeConfig
+from cai_ray.config import Config, JudgeConfig, stage_folder
 from cai_ray.stats import wilson
 
 # Shipped beside the prompt sets but not one of them (no prompt column; never trained or evaluated on).
@@ -90,17 +89,6 @@ def check_requests(judge: JudgeConfig, rows: list[dict]) -> list[dict]:
     """One judge request per row, keyed by its id and verdict column."""
     return [{"key": f"check\x1f{r['id']}", "rubric": VERDICTS[r["verdict"]][2] or judge.harm_rubric,
              "request": r["request"], "response": r["response"], "style": None} for r in rows]
-
-
-def check_key(cfg: Config, rows: list[dict]) -> str:
-    """What decides a check's outcome: the judge's model, engine and sampling, and the rows."""
-    from dataclasses import asdict
-
-    j = cfg.judge
-    decided = {"model": asdict(j.model), "engine": {k: v for k, v in asdict(j.engine).items() if k != "batch_size"},
-               "sampling": asdict(j.sampling), "harm_rubric": j.harm_rubric, "min_accuracy": j.min_accuracy,
-               "rows": [[r["id"], r["verdict"], r["label"], r["request"], r["response"]] for r in rows]}
-    return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _predicted(got: dict) -> Optional[bool]:
@@ -186,10 +174,10 @@ def run_judge_check(cfg: Config, store, brief: bool = False) -> dict:
     scored twice (a sweep's evaluations share one check)."""
     from cai_ray.evaluation.rating import judge_requests
     from cai_ray.runtime import init_ray
-    from cai_ray.tracking import write_atomic
+    from cai_ray.files import write_atomic
 
     rows = load_check_rows(cfg.judge)
-    out = cfg.output_root / "judge-check" / check_key(cfg, rows)
+    out = stage_folder(cfg, "judge-check", rows=rows)
     if (out / "report.json").is_file():
         summary = json.loads((out / "report.json").read_text())
     else:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cai_ray.config import Config
+from cai_ray.config import Config, stage_folder
 from cai_ray.tracking import Store
 from cai_ray.train.sources import dpo_source, fingerprint, read_dpo
-from cai_ray.train.driver import finished, output_dir, run_training, summary
+from cai_ray.train.driver import finished, run_training, summary
 from cai_ray.train.lora import is_adapter, weights_sha256
 
 
@@ -19,7 +19,7 @@ def sft_policy(cfg: Config) -> str:
             raise ValueError(f"dpo.sft_adapter={cfg.dpo.sft_adapter}: not a PEFT adapter folder "
                              f"(adapter_config.json) nor a model folder (config.json)")
         return str(path.resolve())
-    sft = output_dir(cfg, "sft")
+    sft = stage_folder(cfg, "sft")
     for name in ("adapter", "merged"):
         if (sft / name / "adapter_config.json").is_file() or (sft / name / "config.json").is_file():
             return str(sft / name)
@@ -28,7 +28,7 @@ def sft_policy(cfg: Config) -> str:
 
 
 def run(cfg: Config, store: Store) -> dict:
-    out = output_dir(cfg, "dpo")
+    out = stage_folder(cfg, "dpo")
     start = sft_policy(cfg)
     source = dpo_source(cfg)
     reference = {"policy": start, "weights_sha256": weights_sha256(start),

@@ -11,7 +11,6 @@ with the same prompt format, sampling and failure shares.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -22,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cai_ray import console
-from cai_ray.config import Config, stage_dir, stage_hash, to_yaml
+from cai_ray.config import Config, stage_folder, to_yaml
 from cai_ray.constitution.chain import row_seed
 from cai_ray.evaluation import render
 from cai_ray.evaluation.agreement import text as agreement_text
@@ -32,8 +31,9 @@ from cai_ray.evaluation.rating import judge_scope, rate
 from cai_ray.evaluation.report import build_report
 from cai_ray.evaluation.sets import check_heldout, load_eval_sets
 from cai_ray.evaluation.traces import trace_records
+from cai_ray.files import write_atomic
 from cai_ray.locks import hold
-from cai_ray.tracking import Store, stage_run, write_atomic
+from cai_ray.tracking import Store, stage_run
 
 RATING_COLUMNS = [
     ("arm", pa.string()), ("set", pa.string()), ("kind", pa.string()), ("id", pa.string()),
@@ -154,19 +154,16 @@ def run(cfg: Config, store: Store, loaded: tuple | None = None) -> dict:
     ``loaded``: ``load_sets(cfg)`` done once by a caller evaluating many points on the same sets.
     """
     items, sets, train_checked, arms = prepare(cfg, loaded)
-    upstream = (json.dumps(asdict(cfg.generate.quality), sort_keys=True),
-                *(f"{n}:{a['adapter']}:{a['adapter_sha256']}" for n, a in arms.items()),
-                hashlib.sha256("\n".join(sorted(f"{r['set']}:{r['id']}" for r in items)).encode()).hexdigest())
-    out = stage_dir(cfg, "evaluate", upstream)
+    out = stage_folder(cfg, "evaluate", arms=arms, items=items)
     if (out / "manifest.json").is_file():
         report = json.loads((out / "report.json").read_text())
         print(_with_agreement(out, render.summary_text(report, _header(cfg, report) + f" (finished earlier: {out})")))
         return _summary(report)
     with hold(out, cfg.runtime.lock_lease_s):
-        return _evaluate(cfg, store, out, upstream, items, sets, train_checked, arms)
+        return _evaluate(cfg, store, out, items, sets, train_checked, arms)
 
 
-def _evaluate(cfg: Config, store: Store, out: Path, upstream: tuple, items: list, sets, train_checked, arms) -> dict:
+def _evaluate(cfg: Config, store: Store, out: Path, items: list, sets, train_checked, arms) -> dict:
     from cai_ray.runtime import init_ray
 
     started = time.monotonic()  # the evaluate's measured wall time, for the sweep's cost per point
@@ -186,7 +183,7 @@ def _evaluate(cfg: Config, store: Store, out: Path, upstream: tuple, items: list
         rows = rate(cfg, responses)
     report = build_report(rows, arms, e.max_share, e.min_rater_kappa, e.allow_mixed_formats, e.bootstrap, cfg.seed,
                           judge_check=checked)
-    report.update(stage="evaluate", output=str(out), config_hash=stage_hash(cfg, "evaluate", upstream),
+    report.update(stage="evaluate", output=str(out), config_hash=out.name,
                   sets=sets, train_prompts_checked=train_checked, mlflow_run_id=store.run_id,
                   # Engines started per model: at most generate.actors each, however many arms.
                   engine_starts=engine_starts,

@@ -12,15 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cai_ray import console, quality
-from cai_ray.config import PURPOSES, Config, stage_dir, stage_hash, to_yaml
+from cai_ray.config import PURPOSES, Config, stage_folder, to_yaml
 from cai_ray.constitution import (
     EXAMPLES, HELPFUL_EXAMPLES, STEPS, build_pair, helpful_row, load_constitution, screen, sft_row,
 )
 from cai_ray.constitution.pairs import step_finishes
 from cai_ray.data.prompts import load_prompts
 from cai_ray.evaluation.sets import check_training_prompts
+from cai_ray.files import write_atomic
 from cai_ray.locks import hold
-from cai_ray.tracking import Store, write_atomic
+from cai_ray.tracking import Store
 
 # Each step keeps its finish: stop, length (cut at max_new_tokens), empty or error.  These
 # columns came in with prompt purposes; parts without them are refused on resume (_done_ids).
@@ -190,7 +191,7 @@ def run(cfg: Config, store: Store) -> dict:
 
     resolve_model_path(cfg.model)  # a bad model path fails here, not inside an actor
     rows, data_stats, constitution_hash = _prepare(cfg)
-    out = stage_dir(cfg, "generate")
+    out = stage_folder(cfg, "generate")
     if (out / "manifest.json").exists():
         return json.loads((out / "manifest.json").read_text())
     with hold(out, cfg.runtime.lock_lease_s):
@@ -215,7 +216,7 @@ def _generate(cfg: Config, store: Store, out: Path, rows: list[dict], data_stats
     table = pq.read_table(chains)
     table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(wanted))))
     summary = _finalize(cfg, out, table)
-    summary.update(stage="generate", output=str(out), config_hash=stage_hash(cfg, "generate"),
+    summary.update(stage="generate", output=str(out), config_hash=out.name,
                    constitution_hash=constitution_hash, data=data_stats, mlflow_run_id=store.run_id,
                    resumed_rows=len(done), unreadable_parts=unreadable, generated_rows=run_stats["rows"],
                    seconds=round(run_stats["seconds"], 2),

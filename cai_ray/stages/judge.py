@@ -57,7 +57,8 @@ def agreement(cfg: Config, run_id: str | None = None) -> dict:
     from pathlib import Path
 
     from cai_ray.evaluation import agreement as agree
-    from cai_ray.tracking import MlflowStore, deleted_runs, run_traces, write_atomic
+    from cai_ray.files import write_atomic
+    from cai_ray.tracking import MlflowStore, deleted_runs, run_traces
 
     if not cfg.tracking.enabled:
         raise ValueError("tracking.enabled=false: judge --agreement reads human feedback from MLflow")

@@ -18,7 +18,7 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cai_ray.config import Config, ModelConfig, to_yaml
+from cai_ray.config import Config, ModelConfig, stage_folder, to_yaml
 from cai_ray.constitution import load_constitution, spaced
 from cai_ray.constitution.feedback import (
     check_summary, decide, feedback_examples, p_first, position_bias, same_text, sample_two, score_orders,
@@ -26,10 +26,10 @@ from cai_ray.constitution.feedback import (
 from cai_ray.constitution.format import conversation_prompt
 from cai_ray.data.prompts import load_prompts, prompt_id
 from cai_ray.evaluation.sets import check_training_prompts
+from cai_ray.files import write_atomic
 from cai_ray.locks import hold
-from cai_ray.tracking import Store, stage_run, write_atomic
-from cai_ray.train.sources import label_dir, read_rows
-from cai_ray.train.driver import output_dir
+from cai_ray.tracking import Store, stage_run
+from cai_ray.train.sources import read_rows
 
 S, F = pa.string(), pa.float64()
 ROW_SCHEMA = pa.schema([
@@ -127,7 +127,7 @@ def _policy(cfg: Config) -> Model:
     for key, value in (("label.policy", cfg.label.policy), ("dpo.sft_adapter", cfg.dpo.sft_adapter)):
         if value:
             return _folder_model(cfg, value, key)
-    sft = output_dir(cfg, "sft")
+    sft = stage_folder(cfg, "sft")
     for name in ("adapter", "merged"):
         if (sft / name).is_dir():
             return _folder_model(cfg, str(sft / name), "sft output")
@@ -293,7 +293,7 @@ def run(cfg: Config, store: Store, check: bool = False) -> dict:
     models = _models(cfg, check=False)
     rows, data_stats = _harm_prompts(cfg)
     check_rows = _check_rows(cfg) if cfg.label.check else []
-    out = label_dir(cfg)
+    out = stage_folder(cfg, "label")
     if (out / "manifest.json").exists():
         return json.loads((out / "manifest.json").read_text())
     with hold(out, cfg.runtime.lock_lease_s):
@@ -382,7 +382,7 @@ def run_check(cfg: Config, store: Store, rows: Optional[list[dict]] = None) -> d
               "per_set": {name: check_summary([x for i, x in p.items() if sets[i] == name])["accuracy"]
                           for name in dict.fromkeys(sets.values())},
               "position": position_bias([r["p_a_order1"] for r in ok], [r["p_a_order2"] for r in ok])}
-    out = label_dir(cfg) / "check"
+    out = stage_folder(cfg, "label") / "check"
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     store.set_tags({"stage": "label-check", "feedback_model": report["feedback"], "verdict": report["verdict"],

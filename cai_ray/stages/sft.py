@@ -4,14 +4,14 @@ the generate stage's revisions mixed with helpful rows at ``sft.helpful_ratio``;
 
 from __future__ import annotations
 
-from cai_ray.config import Config
+from cai_ray.config import Config, stage_folder
 from cai_ray.tracking import Store
 from cai_ray.train.sources import fingerprint, read_sft, sft_sources
-from cai_ray.train.driver import finished, output_dir, run_training, summary
+from cai_ray.train.driver import finished, run_training, summary
 
 
 def run(cfg: Config, store: Store) -> dict:
-    out = output_dir(cfg, "sft")
+    out = stage_folder(cfg, "sft")
     sources = sft_sources(cfg)
     inputs = {"data": sources, "data_sha256": {key: fingerprint(source) for key, source in sources.items()},
               "helpful_ratio": cfg.sft.helpful_ratio}

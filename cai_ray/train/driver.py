@@ -22,26 +22,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cai_ray import console
-from cai_ray.config import Config, stage_dir, stage_hash, to_yaml
+from cai_ray.config import Config, to_yaml
+from cai_ray.files import write_atomic
 from cai_ray.locks import hold
-from cai_ray.tracking import Store, write_atomic
-from cai_ray.train.sources import sft_reads_generate
+from cai_ray.tracking import Store
 
 MANIFEST = "manifest.json"
 RUN_STATE = "ray_run.json"
 # Test hook: "RANK:STEP:MARKER" makes that rank die after that step, once.
 FAIL_ONCE_ENV = "CAI_RAY_FAIL_ONCE"
-
-
-def output_dir(cfg: Config, kind: str) -> Path:
-    """The stage folder: keyed by the config hash and, through ``upstream``, by the stages it reads."""
-    upstream: list[str] = []
-    reads_generate = sft_reads_generate(cfg) if kind == "sft" else cfg.dpo.data is None
-    if reads_generate:
-        upstream.append(f"generate:{stage_hash(cfg, 'generate')}")
-    if kind == "dpo" and cfg.dpo.sft_adapter is None:
-        upstream.append(f"sft:{output_dir(cfg, 'sft').name}")
-    return stage_dir(cfg, kind, tuple(upstream))
 
 
 def finished(out: Path, inputs: dict) -> Optional[dict]:

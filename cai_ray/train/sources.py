@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from cai_ray.config import Config, stage_dir
+from cai_ray.config import Config, stage_folder
 from cai_ray.data.prompts import jsonl_columns
 
 SFT_COLUMNS = ("prompt", "completion")
@@ -25,29 +25,11 @@ SAMPLES = "samples:"
 
 
 def _generated(cfg: Config, name: str, key: str) -> str:
-    path = stage_dir(cfg, "generate") / name
+    path = stage_folder(cfg, "generate") / name
     if not path.is_file():
         raise ValueError(f"{key} is unset and the generate stage has no {name} at {path}; "
                          f"run `cai-ray generate` with this config first, or set {key}=FILE")
     return str(path)
-
-
-def _sft_wanted(cfg: Config) -> dict[str, Optional[str]]:
-    """{config key: source} the SFT stage reads; None stands for the generate stage's output."""
-    s = cfg.sft
-    if s.data:
-        return {"sft.data": s.data}
-    wanted = {}
-    if s.helpful_ratio < 1:
-        wanted["sft.revisions"] = s.revisions
-    if s.helpful_ratio > 0:
-        wanted["sft.helpful"] = s.helpful
-    return wanted
-
-
-def sft_reads_generate(cfg: Config) -> bool:
-    """Whether the SFT data comes (in part) from the generate stage, whose hash then keys the SFT folder."""
-    return None in _sft_wanted(cfg).values()
 
 
 def sft_sources(cfg: Config) -> dict[str, str]:
@@ -55,25 +37,11 @@ def sft_sources(cfg: Config) -> dict[str, str]:
     ``sft.helpful_ratio`` uses (revisions: the generate stage's ``sft.parquet``, helpful rows:
     its ``helpful.parquet``, unless set)."""
     files = {"sft.revisions": "sft.parquet", "sft.helpful": "helpful.parquet"}
-    return {key: source or _generated(cfg, files[key], key) for key, source in _sft_wanted(cfg).items()}
-
-
-def label_dir(cfg: Config) -> Path:
-    """The label stage's folder: its config sections plus what they name by reference
-    (the constitution's content, the policy folder or the sft stage's output)."""
-    from cai_ray.constitution import load_constitution
-    from cai_ray.train.driver import output_dir
-
-    constitution = load_constitution(cfg.label.constitution or cfg.generate.constitution)
-    upstream = [f"constitution:{constitution.hash}"]
-    policy = cfg.label.policy or cfg.dpo.sft_adapter
-    upstream.append(f"policy:{Path(policy).expanduser().resolve()}" if policy
-                    else f"sft:{output_dir(cfg, 'sft').name}")
-    return stage_dir(cfg, "label", tuple(upstream))
+    return {key: source or _generated(cfg, files[key], key) for key, source in cfg.sft.inputs().items()}
 
 
 def _labelled(cfg: Config) -> str:
-    folder = label_dir(cfg)
+    folder = stage_folder(cfg, "label")
     if not (folder / "manifest.json").is_file():
         raise ValueError(f"dpo.pairs={cfg.dpo.pairs} and the label stage has no finished pairs at {folder}; "
                          f"run `cai-ray label` with this config first, or set dpo.data=FILE")

@@ -132,11 +132,11 @@ def test_a_model_that_only_says_eos_finishes_with_every_row_rejected_as_empty(tm
 
 
 def test_chains_of_another_schema_are_not_mixed_in(tmp_path, tiny_base):
-    from cai_ray.config import load_config, stage_dir
+    from cai_ray.config import load_config, stage_folder
 
     data = _prompts(tmp_path / "p.jsonl", 3)
     args = _args(tmp_path, tiny_base, data)
-    chains = stage_dir(load_config(ROOT / "configs/quickstart.yaml", args), "generate") / "chains"
+    chains = stage_folder(load_config(ROOT / "configs/quickstart.yaml", args), "generate") / "chains"
     chains.mkdir(parents=True)
     old = pa.table({"id": ["x"], "prompt": ["p"], "initial": ["a"], "final": ["b"]})
     pq.write_table(old, chains / "part-1-1.parquet")

@@ -50,10 +50,9 @@ def test_sft_trains_on_the_mix_and_records_its_composition(tmp_path, tiny_base):
     # The same config again is the finished stage; another ratio is another stage folder.
     again = _cli(tmp_path, tiny_base, "sft.helpful_ratio=0.25")
     assert again.returncode == 0 and "skipped: True" in again.stdout
-    from cai_ray.config import load_config
-    from cai_ray.train.driver import output_dir
+    from cai_ray.config import load_config, stage_folder
 
     other = load_config(ROOT / "configs/quickstart.yaml", [f"model.path={tiny_base}", f"output_dir={tmp_path / 'out'}",
                                                            "sft.helpful_ratio=0.5", "sft.helpful=samples:helpful_sft",
                                                            f"sft.revisions={tmp_path / 'revisions.jsonl'}"])
-    assert output_dir(other, "sft") != folder
+    assert stage_folder(other, "sft") != folder

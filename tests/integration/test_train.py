@@ -285,10 +285,10 @@ def test_failed_run_is_one_line_and_resume_true_continues_it(full_dpo):
 
 
 def test_resume_on_another_world_size_stops_with_one_line_naming_both(full_dpo):
-    from cai_ray.train.driver import output_dir
+    from cai_ray.config import stage_folder
 
     error = full_dpo["other_world"]
-    assert output_dir(full_dpo["one_worker"], "dpo") == Path(full_dpo["summary"]["output"])
+    assert stage_folder(full_dpo["one_worker"], "dpo") == Path(full_dpo["summary"]["output"])
     assert len(error.splitlines()) == 1
     assert "train.workers=1" in error and "step 4" in error and "written by 2 workers" in error
     assert "ray_run.json to start over" in error

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cai_ray.config import ConfigError, load_config, stage_dir, stage_hash, to_yaml
+from cai_ray.config import ConfigError, load_config, stage_folder, stage_hash, to_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -88,8 +88,8 @@ def test_stage_hash_tracks_what_decides_the_output(tmp_path):
     assert stage_hash(base, "generate") != stage_hash(changed, "generate")
     assert stage_hash(base, "dpo") != stage_hash(same, "dpo")
     assert stage_hash(base, "sft", ("abc",)) != stage_hash(base, "sft", ("abd",))
-    assert stage_dir(base, "generate").parent.name == "generate"
-    assert stage_dir(base, "generate").is_absolute()
+    assert stage_folder(base, "generate").parent.name == "generate"
+    assert stage_folder(base, "generate").is_absolute()
 
 
 def test_resolved_yaml_round_trips(tmp_path):

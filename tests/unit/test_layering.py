@@ -11,7 +11,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[2] / "cai_ray"
 PURE = ["constitution", "judge/rubrics.py", "judge/refusal.py", "evaluation/report.py", "evaluation/render.py",
         "evaluation/sets.py", "train/losses.py", "quality.py", "stats.py",
-        "data/heldout.py", "config"]
+        "data/heldout.py", "config", "files.py"]
 
 
 def _imports(path: Path) -> set[str]:

@@ -7,24 +7,10 @@ No Ray and no model: the tokenizer is the tiny byte-level BPE built in-process.
 import numpy as np
 import pytest
 
-from cai_ray.config import load_config
-from cai_ray.train.data import (
-    IGNORE_INDEX,
-    Schedule,
-    as_text,
-    collate,
-    tokenize,
-    total_steps,
-)
-from cai_ray.train.sources import (
-    fingerprint,
-    mix_counts,
-    read_dpo,
-    read_rows,
-    read_sft,
-    sft_reads_generate,
-    sft_sources,
-)
+from cai_ray.config import load_config, stage_folder
+from cai_ray.train.data import IGNORE_INDEX, Schedule, as_text, collate, tokenize, total_steps
+from cai_ray.train.sources import (fingerprint, mix_counts, read_dpo, read_rows, read_sft, sft_sources)
+
 from tests.helpers import jsonl
 
 PROMPT = "\n\nHuman: how do I boil an egg?\n\nAssistant:"
@@ -103,27 +89,30 @@ def test_mix_is_seeded_counted_and_in_file_order(tmp_path):
     assert other_seed != rows and len(other_seed) == 50
 
 
+def _reads_generate(cfg) -> bool:
+    """Whether SFT reads (in part) the generate stage's output, whose hash then keys the SFT folder."""
+    return None in cfg.sft.inputs().values()
+
+
 def test_ratio_zero_or_one_reads_only_one_source(tmp_path):
     mix = {}
     rows = read_sft(_cfg(tmp_path, "sft.helpful=samples:helpful_sft", "sft.helpful_ratio=1"), mix)
     assert len(rows) == 40 and list(mix["sources"]) == ["sft.helpful"] and mix["helpful_share"] == 1.0
     cfg = _cfg(tmp_path, "sft.helpful_ratio=1", "sft.helpful=samples:helpful_sft")
-    assert not sft_reads_generate(cfg) and sft_sources(cfg) == {"sft.helpful": "samples:helpful_sft"}
+    assert not _reads_generate(cfg) and sft_sources(cfg) == {"sft.helpful": "samples:helpful_sft"}
     rev = _sft_files(tmp_path, 4, 1)[0]
     assert len(read_sft(_cfg(tmp_path, rev, "sft.helpful_ratio=0"))) == 4
-    assert sft_reads_generate(_cfg(tmp_path, rev)) and not sft_reads_generate(_cfg(tmp_path, rev, "sft.helpful_ratio=0"))
-    assert not sft_reads_generate(_cfg(tmp_path, "sft.data=samples:helpful_sft"))
+    assert _reads_generate(_cfg(tmp_path, rev)) and not _reads_generate(_cfg(tmp_path, rev, "sft.helpful_ratio=0"))
+    assert not _reads_generate(_cfg(tmp_path, "sft.data=samples:helpful_sft"))
 
 
 def test_the_mix_keys_the_sft_folder(tmp_path):
-    from cai_ray.train.driver import output_dir
-
     files = _sft_files(tmp_path, 4, 4)
-    half, most = (output_dir(_cfg(tmp_path, *files, f"sft.helpful_ratio={r}"), "sft") for r in (0.5, 0.8))
+    half, most = (stage_folder(_cfg(tmp_path, *files, f"sft.helpful_ratio={r}"), "sft") for r in (0.5, 0.8))
     assert half != most
     # Generated sources put the generate stage's hash into the SFT folder's key.
-    mine = output_dir(_cfg(tmp_path, files[1]), "sft")
-    theirs = output_dir(_cfg(tmp_path, files[1], "generate.rounds=3"), "sft")
+    mine = stage_folder(_cfg(tmp_path, files[1]), "sft")
+    theirs = stage_folder(_cfg(tmp_path, files[1], "generate.rounds=3"), "sft")
     assert mine != theirs
 
 
