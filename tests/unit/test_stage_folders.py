@@ -39,7 +39,9 @@ def test_stage_folders_keep_their_names(case):
     got = tuple(stage_folder(cfg, kind) for kind in ("generate", "sft", "dpo", "label"))
     assert got == tuple(Path("/tmp/folders", kind, name)
                         for kind, name in zip(("generate", "sft", "dpo", "label"), EXPECTED[case]))
-    assert stage_folder(cfg, "evaluate", arms=ARMS, items=ITEMS) == Path("/tmp/folders/evaluate/99a1000e6ff8")
+    # Renamed once on purpose (was 99a1000e6ff8): evaluate.trace and evaluate.review_sample had changed
+    # the evaluate hash, against RESOURCE_KEYS (a repeated "evaluate" key there dropped them).
+    assert stage_folder(cfg, "evaluate", arms=ARMS, items=ITEMS) == Path("/tmp/folders/evaluate/8e5f11459c8a")
     assert stage_folder(cfg, "judge-check", rows=ROWS) == Path("/tmp/folders/judge-check/47a187868ea5")
 
 
@@ -49,3 +51,23 @@ def test_sweep_folder_is_named_by_its_pair_source():
     feedback = load_config(QUICKSTART, ["output_dir=/tmp/folders", "dpo.pairs=feedback"])
     assert stage_folder(feedback, "sweep", pairs_sha256="0123456789abcdef") == \
         Path("/tmp/folders/sweep/feedback-0123456789ab")
+
+
+@pytest.mark.parametrize("stage", ["generate", "train", "judge", "label", "evaluate"])
+def test_resource_keys_never_change_a_folder_and_other_keys_do(stage):
+    """Every key listed in RESOURCE_KEYS (e.g. evaluate.trace, evaluate.selection_share) leaves the
+    stage's folder as it is; a key that changes the numbers (evaluate.bootstrap) moves it."""
+    from cai_ray.config import RESOURCE_KEYS, stage_hash
+
+    values = {"trace": "all", "review_sample": 7, "selection_share": 0.3, "resources": "{x: 1}",
+              "labels": "{zone: a}", "check_data": "[/x.jsonl]", "check": "false", "resume": "true",
+              "use_gpu": "true", "host": "0.0.0.0", "port": 9999}
+    kinds = {"train": ["sft", "dpo"], "judge": ["evaluate"]}.get(stage, [stage])
+    base = load_config(QUICKSTART, [])
+    # The split of the global batch (workers x batch_size x grad_accum) is kept out, its product is not.
+    for key in set(RESOURCE_KEYS[stage]) - {"workers", "batch_size", "grad_accum"}:
+        cfg = load_config(QUICKSTART, [f"{stage}.{key}={values.get(key, 3)}"])
+        for kind in kinds:
+            assert stage_hash(cfg, kind) == stage_hash(base, kind), f"{stage}.{key} changed the {kind} folder"
+    if stage == "evaluate":
+        assert stage_hash(load_config(QUICKSTART, ["evaluate.bootstrap=123"]), "evaluate") != stage_hash(base, "evaluate")
