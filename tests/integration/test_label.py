@@ -86,7 +86,9 @@ def test_check_not_above_chance_says_so_in_summary_and_mlflow(labelled):
     assert "pairs: 64" in done.stdout and "NOT above chance" in done.stdout
     report = json.loads((labelled["out"] / "check" / "report.json").read_text())
     assert report["scored"] + report["errors"] == 64 and report["above_chance"] is False
-    assert report["accuracy_lo"] <= 0.5 <= report["accuracy_hi"] and 0 <= report["ece"] <= 1
+    # Not above chance: the interval's low end is at or under 0.5 (a model that is right on the shipped
+    # pairs is often below chance on the swapped ones).
+    assert report["accuracy_lo"] <= 0.5 and report["accuracy_lo"] <= report["accuracy_hi"] and 0 <= report["ece"] <= 1
     (run,) = [r for r in _runs(labelled["client"], "tags.stage = 'label-check'")
               if "mlflow.parentRunId" not in r.data.tags]
     assert run.data.tags["above_chance"] == "false" and "NOT above chance" in run.data.tags["verdict"]
