@@ -13,13 +13,15 @@ for _key, _value in {**BASE_ENV, **OFFLINE_ENV, **LOOPBACK_ENV}.items():
 
 import pytest  # noqa: E402
 
-_ORDER = {"unit": 0, "integration": 1, "gpu": 2}
+# Minutes each slow file took in one full run (2 cores): under pytest-xdist (`make test`) the
+# longest files start first, so the workers finish together; unlisted files count as quick.
+_MINUTES = {"test_multinode": 12, "test_generate": 11, "test_train": 9, "test_faults": 8, "test_iterate": 8,
+            "test_cli": 7, "test_label": 7, "test_sweep": 6, "test_evaluate": 5, "test_judge_check": 4,
+            "test_review": 4, "test_judge_serve": 4, "test_tracking": 3, "test_sft_mix": 3}
 
 
 def pytest_collection_modifyitems(items):
-    """Unit tests first: they fail in seconds, and they run before the session's shared Ray
-    (``ray_cluster``) exists, so no unit test sees a Ray another test left running."""
-    items.sort(key=lambda item: _ORDER.get(item.path.parent.name, 1))
+    items.sort(key=lambda item: -_MINUTES.get(item.path.stem, 0))
 
 
 @pytest.fixture(scope="session")
@@ -63,9 +65,10 @@ def smollm2():
     return str(convert_gguf(src))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    """One private local Ray (2 CPUs) shared by the integration tests."""
+    """A private local Ray (2 CPUs) for one test file, shut down after it: a Ray left running
+    in the test process would change what later tests see (e.g. the GPUs ``check_local_gpus`` finds)."""
     import ray
 
     from cai_ray.config import load_config

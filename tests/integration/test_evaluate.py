@@ -13,7 +13,7 @@ def _args(tmp_path, base, chat, *extra):
             f"output_dir={tmp_path / 'out'}", "runtime.num_cpus=2", "generate.actors=1",
             "evaluate.sets=[{source: samples:red_team_eval}, {source: samples:benign_eval}]",
             "evaluate.sampling.max_new_tokens=8", "evaluate.sampling.min_new_tokens=2",
-            "judge.sampling.max_new_tokens=8", *extra]
+            "judge.sampling.max_new_tokens=8", "judge.check_limit=4", *extra]
 
 
 def _adapter(base, folder: Path) -> str:

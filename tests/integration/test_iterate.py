@@ -26,7 +26,7 @@ def test_two_iterations_then_an_early_stop_with_curves_in_mlflow(tmp_path, tiny_
             "label.sampling.max_new_tokens=6", "label.sampling.min_new_tokens=2",
             f"evaluate.sets=[{{source: {harm}, kind: harm}}, {{source: {cap}, kind: capability}}]",
             "evaluate.sampling.max_new_tokens=4", "judge.sampling.max_new_tokens=4", f"judge.port={free_port()}",
-            "iterate.metric=asr_keyword", "tracking.experiment=iterate-test"]
+            "judge.check_limit=4", "iterate.metric=asr_keyword", "tracking.experiment=iterate-test"]
     # -1: any change counts as an improvement, so the second iteration runs.
     done = subprocess.run([sys.executable, "-m", "cai_ray", "run", *args, "iterate.iterations=2",
                            "iterate.min_improvement=-1"], capture_output=True, text=True, cwd=ROOT, timeout=1800)

@@ -28,7 +28,8 @@ from tests.helpers import ROOT, free_ports
 SMALL = ["data.limit=6", "generate.rounds=1", "generate.sampling.max_new_tokens=6",
          "generate.sampling.min_new_tokens=2", "sft.max_steps=2",
          "dpo.max_steps=2", "train.checkpoint_every=100", "evaluate.sets=[{source: samples:red_team_eval}]",
-         "evaluate.sampling.max_new_tokens=6", "evaluate.bootstrap=50"]
+         "evaluate.sampling.max_new_tokens=6", "evaluate.bootstrap=50", "judge.check_limit=4",
+         "judge.sampling.max_new_tokens=8"]
 PLACED = ["generate.resources={gen: 1}", "train.resources={trn: 1}", "judge.resources={gen: 1}"]
 
 

@@ -43,7 +43,7 @@ def test_judge_traces_human_feedback_and_agreement(tmp_path, tiny_base, tiny_cha
             "judge.model.role=instruct", f"output_dir={out}", "runtime.num_cpus=2", "generate.actors=1",
             "evaluate.sets=[{source: samples:red_team_eval}, {source: samples:benign_eval}]",
             "evaluate.sampling.max_new_tokens=8", "evaluate.sampling.min_new_tokens=2",
-            "judge.sampling.max_new_tokens=8", f"judge.port={free_port()}", "evaluate.review_sample=12"]
+            "judge.sampling.max_new_tokens=8", f"judge.port={free_port()}", "evaluate.review_sample=12", "judge.check_limit=4"]
     done = cai("evaluate", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "traces: 12 judge calls (12 for review)" in done.stdout

@@ -28,7 +28,7 @@ def test_sweep_nested_subsets_child_runs_and_summary(tmp_path, tiny_eos, tiny_ch
             "generate.sampling.min_new_tokens=2",
             "sft.max_steps=2", "dpo.max_steps=2", "train.workers=1", "train.checkpoint_every=2",
             "evaluate.sampling.max_new_tokens=4", f"evaluate.sets=[{{source: {harm}, kind: harm}}, {{source: {benign}, kind: benign}}]",
-            "judge.sampling.max_new_tokens=8", "sweep.sizes=[4,8]", "sweep.seeds=[0]",
+            "judge.sampling.max_new_tokens=8", "judge.check_limit=4", "sweep.sizes=[4,8]", "sweep.seeds=[0]",
             "tracking.experiment=sweep-test"]
     done = subprocess.run([sys.executable, "-m", "cai_ray", "sweep", "configs/quickstart.yaml", *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=1500)
