@@ -13,6 +13,13 @@ dropped at once, so a dead server costs a training loop one backoff, not one
 per step.  Each process writes its counts under ``{output_dir}/.tracking_lost/``
 (shared storage on a cluster), and the command's top run sums and prints them
 when it ends.
+
+Why our own layer and not MLflow's (issue 22): MLflow's client retries cover HTTP calls only
+(``MLFLOW_HTTP_REQUEST_MAX_RETRIES``), not a sqlite store's "database is locked"; after its last
+retry the call raises, with no drop-and-count and no pause, so a dead server would cost each
+training step the whole backoff.  Async logging (``synchronous=False``) queues points but reports
+a failure only when the queue is flushed, and counts nothing it lost.  We keep MLflow's HTTP
+timeout and turn its retries off (MLFLOW_HTTP_ENV) so one backoff policy applies.
 """
 
 from __future__ import annotations
