@@ -64,7 +64,7 @@ quickstart: env
 # half the time of one (bench/ has no timing for this; measured by running the suite both ways).
 TEST_WORKERS ?= 2
 test: test-env
-	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -13,8 +13,9 @@ for _key, _value in {**BASE_ENV, **OFFLINE_ENV, **LOOPBACK_ENV}.items():
 
 import pytest  # noqa: E402
 
-# Minutes each slow file took in one full run (2 cores): under pytest-xdist (`make test`) the
-# longest files start first, so the workers finish together; unlisted files count as quick.
+# Minutes each slow file took in one full run (2 cores): the longest files are collected first,
+# and `make test` (pytest-xdist, --no-loadscope-reorder) hands files out in that order, so the
+# workers finish together; unlisted files count as quick.
 _MINUTES = {"test_multinode": 12, "test_generate": 11, "test_train": 9, "test_faults": 8, "test_iterate": 8,
             "test_cli": 7, "test_label": 7, "test_sweep": 6, "test_evaluate": 5, "test_judge_check": 4,
             "test_review": 4, "test_judge_serve": 4, "test_tracking": 3, "test_sft_mix": 3}

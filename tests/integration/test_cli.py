@@ -1,3 +1,4 @@
+import re
 import socket
 import subprocess
 import sys
@@ -70,8 +71,10 @@ def test_quickstart_run_is_quiet_and_the_log_holds_the_libraries(tmp_path):
                f"judge.model.path={models / 'tiny-chat'}", f"judge.port={free_port()}")
     shown = done.stdout.splitlines() + done.stderr.splitlines()
     assert done.returncode == 0, "\n".join(shown[-40:])
-    # Progress lines come every 10 s off a terminal, so a slow machine shows a few more.
-    assert len(shown) <= 64, "\n".join(shown)
+    # Progress lines come every 10 s off a terminal, so a slower (or busier) machine shows more of
+    # them; quiet means everything else stays short.
+    progress = [line for line in shown if re.match(r"^  \S.*: \d+(/\d+)? \S+  ", line)]
+    assert len(shown) - len(progress) <= 48, "\n".join(shown)
     assert done.stderr == ""
     for stage in ("generate", "sft", "dpo", "evaluate"):
         assert f"== quickstart-{stage}" in done.stdout
