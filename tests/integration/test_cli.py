@@ -5,6 +5,7 @@ import sys
 import urllib.request
 
 import mlflow
+import pytest
 
 from tests.helpers import ROOT, free_port
 
@@ -60,6 +61,8 @@ def test_failing_stage_prints_one_line_naming_its_log(tmp_path):
     assert not (loud / "logs").exists()
 
 
+# The whole pipeline with the full judge check: 6.5 min alone, over the 900 s default beside another test file.
+@pytest.mark.timeout(2400)
 def test_quickstart_run_is_quiet_and_the_log_holds_the_libraries(tmp_path):
     """`cai-ray run configs/quickstart.yaml` as `make quickstart` runs it, on freshly built tiny models."""
     models = tmp_path / "models"
