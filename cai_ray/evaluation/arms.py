@@ -15,15 +15,18 @@ of these leaves the report: they are shown as shares of all responses (see repor
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from cai_ray import console, quality
 from cai_ray.config import ArmConfig, Config, ModelConfig, stage_folder
 from cai_ray.constitution.fewshot import HELPFUL_EXAMPLES
 from cai_ray.constitution.format import SEPARATOR, clean, conversation_prompt, spaced, stops_for
+from cai_ray.parts import Parts
 
 
 def arm_format(cfg: Config, arm: ArmConfig) -> str:
@@ -188,30 +191,49 @@ def engine_groups(arms: dict[str, dict]) -> list[dict[str, dict]]:
     return list(groups.values())
 
 
-def generate_arms(cfg: Config, arms: dict[str, dict], items: list[dict]) -> tuple[list[dict], dict[str, int]]:
+# A response is stored whole as JSON: eval sets of different kinds bring different columns.
+RESPONSE_SCHEMA = pa.schema([("key", pa.string()), ("row", pa.string())])
+
+
+def _key(row: dict) -> str:
+    return json.dumps([row["arm"], row["set"], row["id"], row["sample"]])
+
+
+def generate_arms(cfg: Config, arms: dict[str, dict], items: list[dict],
+                  folder: Path) -> tuple[list[dict], dict[str, int]]:
     """Every arm's responses to ``items``, tagged with the arm, and the engine start-ups per model.
 
     The arms of one model share an actor pool, so each actor starts one engine for all of them;
-    arms of another model (an instruct baseline) get their own pool after it."""
-    rows: list[dict] = []
+    arms of another model (an instruct baseline) get their own pool after it.  Responses are
+    written as parts in ``folder`` as they arrive: a rerun of a stopped evaluation generates only
+    the missing ones."""
+    parts = Parts(folder, RESPONSE_SCHEMA, key="key")
+    done, _ = parts.done_ids()
     starts: dict[str, int] = {}
     for group in engine_groups(arms):
-        done, engines = _generate_group(cfg, group, items)
-        rows += done
+        todo = [w for w in ({**item, "arm": name} for name in group for item in items) if _key(w) not in done]
         model = next(iter(group.values()))["model"]
-        starts[model] = starts.get(model, 0) + engines
+        starts[model] = starts.get(model, 0) + (_generate_group(cfg, group, todo, parts) if todo else 0)
+    wanted = [_key({**item, "arm": name}) for name in arms for item in items]
+    table, _ = parts.read(wanted)
+    by_key = dict(zip(table.column("key").to_pylist(), map(json.loads, table.column("row").to_pylist())))
+    rows = [by_key[k] for k in wanted if k in by_key]
+    for name in arms:
+        got = sum(r["arm"] == name for r in rows)
+        if got != len(items):
+            raise RuntimeError(f"evaluate: arm {name} returned {got} responses for {len(items)} prompts")
     return rows, starts
 
 
-def _generate_group(cfg: Config, group: dict[str, dict], items: list[dict]) -> tuple[list[dict], int]:
+def _generate_group(cfg: Config, group: dict[str, dict], work: list[dict], parts: Parts) -> int:
+    """Generate ``work`` (rows tagged with their arm) into ``parts``; the engines that started."""
     import ray
 
     from cai_ray.evaluation.rating import plain
     from cai_ray.runtime import placement
 
     g = cfg.generate
-    # Arm by arm: a batch then mostly holds one arm's rows (one adapter, one engine call).
-    work = [{**item, "arm": name} for name in group for item in items]
+    # Arm by arm (work comes so ordered): a batch then mostly holds one arm's rows (one adapter, one engine call).
     blocks = max(1, -(-len(work) // g.batch_size))
     actors = min(g.actors, blocks)
     ds = ray.data.from_items(work, override_num_blocks=blocks).map_batches(
@@ -219,15 +241,11 @@ def _generate_group(cfg: Config, group: dict[str, dict], items: list[dict]) -> t
         # Autoscaling from one actor: a judge kept up by a sweep may hold part of the resources.
         batch_format="pandas", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         **placement("generate", g, count=actors).ray_options())
-    rows: list[dict] = []
     engines: set[str] = set()
     with console.progress(f"evaluate: {', '.join(group)}", total=len(work), unit="responses") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             engines.update(batch.pop("engine"))
-            rows += [plain(r) for r in batch.to_dict("records")]
+            rows = [plain(r) for r in batch.to_dict("records")]
+            parts.write(pa.table({"key": [_key(r) for r in rows], "row": [json.dumps(r) for r in rows]}))
             bar.advance(len(batch))
-    for name in group:
-        got = sum(r["arm"] == name for r in rows)
-        if got != len(items):
-            raise RuntimeError(f"evaluate: arm {name} returned {got} responses for {len(items)} prompts")
-    return rows, len(engines)
+    return len(engines)

@@ -33,6 +33,7 @@ from cai_ray.evaluation.sets import check_heldout, load_eval_sets
 from cai_ray.evaluation.traces import trace_records
 from cai_ray.files import write_atomic
 from cai_ray.locks import hold
+from cai_ray.parts import write_manifest
 from cai_ray.tracking import Store, stage_run
 
 RATING_COLUMNS = [
@@ -173,7 +174,7 @@ def _evaluate(cfg: Config, store: Store, out: Path, items: list, sets, train_che
     work = [{**r, "sample": s, "seed": row_seed(e.sampling.seed, r["id"], "evaluate", s)}
             for r in items for s in range(e.samples_per_prompt)]
     init_ray(cfg)
-    responses, engine_starts = generate_arms(cfg, arms, work)
+    responses, engine_starts = generate_arms(cfg, arms, work, out / "responses")
     checked = None
     with judge_scope():  # the check and the rating share one judge start
         if cfg.judge.check:
@@ -196,7 +197,6 @@ def _evaluate(cfg: Config, store: Store, out: Path, items: list, sets, train_che
     _log(store, out, rows, report, _write_outputs(out, rows, report))
     traces = _trace(cfg, store, rows)
     summary = {**_summary(report), "traces": f"{traces['logged']} judge calls ({traces['review']} for review)"}
-    write_atomic(out / "manifest.json", json.dumps({**summary, "rows": len(rows), "traces": traces},
-                                                   indent=2) + "\n")
+    write_manifest(out, {**summary, "rows": len(rows), "traces": traces})
     print(render.summary_text(report, _header(cfg, report)), flush=True)
     return summary

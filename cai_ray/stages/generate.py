@@ -3,7 +3,6 @@ replies (helpful prompts) -> SFT rows, preference pairs and helpful rows."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -21,10 +20,11 @@ from cai_ray.data.prompts import load_prompts
 from cai_ray.evaluation.sets import check_training_prompts
 from cai_ray.files import write_atomic
 from cai_ray.locks import hold
+from cai_ray.parts import Parts, finished, write_manifest
 from cai_ray.tracking import Store
 
 # Each step keeps its finish: stop, length (cut at max_new_tokens), empty or error.  These
-# columns came in with prompt purposes; parts without them are refused on resume (_done_ids).
+# columns came in with prompt purposes; parts without them are refused on resume (Parts.done_ids).
 ROUND = pa.struct([("principle_id", pa.string()), ("critique", pa.string()), ("critique_finish", pa.string()),
                    ("revision", pa.string()), ("revision_finish", pa.string())])
 CHAIN_SCHEMA = pa.schema([
@@ -39,47 +39,7 @@ REASONS = (*quality.FILTERS, "unrevised", "empty", "truncated", "truncated_initi
 PROGRESS_EVERY = 256
 
 
-def _done_ids(chains: Path) -> tuple[set[str], int]:
-    """Ids already written by an earlier (possibly killed) run, and how many parts could not be read.
-
-    Half-written temp files are dropped.  A part that cannot be read (cut short by a failing disk or
-    a copy) is never taken as data: it is moved aside as ``.unreadable-*`` and its rows are redone."""
-    done: set[str] = set()
-    unreadable = 0
-    for tmp in chains.glob(".*.tmp"):
-        tmp.unlink()
-    for part in sorted(chains.glob("part-*.parquet")):
-        try:
-            schema = pq.read_schema(part)
-            ids = pq.read_table(part, columns=["id"]).column("id").to_pylist()
-        except (pa.ArrowException, OSError) as exc:
-            console.say(f"   {part.name}: unreadable ({str(exc).splitlines()[0][:120]}); its rows are redone")
-            os.replace(part, part.with_name(f".unreadable-{part.name}"))
-            unreadable += 1
-            continue
-        if not schema.remove_metadata().equals(CHAIN_SCHEMA):
-            raise ValueError(f"{part}: chains written with another schema (an older cai_ray?); move "
-                             f"{chains.parent} aside to generate afresh rather than mix the two")
-        done.update(ids)
-    return done, unreadable
-
-
-def _write_part(chains: Path, table: pa.Table) -> None:
-    # Rename is atomic: a SIGKILL leaves either a whole part or a temp file.
-    name = f"part-{time.time_ns()}-{os.getpid()}.parquet"
-    tmp = chains / f".{name}.tmp"
-    try:
-        pq.write_table(table.select(CHAIN_SCHEMA.names).cast(CHAIN_SCHEMA), tmp)
-        os.replace(tmp, chains / name)
-    except OSError as exc:  # a full disk: name the file (pyarrow's errors name none)
-        tmp.unlink(missing_ok=True)
-        raise OSError(exc.errno, os.strerror(exc.errno) if exc.errno else str(exc), str(tmp)) from None
-    except BaseException:  # SIGTERM (runtime.Stopped) cut the write short
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) -> dict:
+def _stream_chains(cfg: Config, todo: list[dict], chains: Parts, store: Store) -> dict:
     """Run the revision actors over ``todo`` with Ray Data, writing parts as they arrive."""
     import ray
 
@@ -99,7 +59,7 @@ def _stream_chains(cfg: Config, todo: list[dict], chains: Path, store: Store) ->
                         batch_format="pandas", compute=pool, **placement("generate", g).ray_options())
     start, rows, tokens, last = time.time(), 0, 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        _write_part(chains, batch)
+        chains.write(batch)
         rows += batch.num_rows
         bar.advance(batch.num_rows)
         tokens += pa.compute.sum(batch.column("completion_tokens")).as_py() or 0
@@ -192,33 +152,29 @@ def run(cfg: Config, store: Store) -> dict:
     resolve_model_path(cfg.model)  # a bad model path fails here, not inside an actor
     rows, data_stats, constitution_hash = _prepare(cfg)
     out = stage_folder(cfg, "generate")
-    if (out / "manifest.json").exists():
-        return json.loads((out / "manifest.json").read_text())
+    if (done := finished(out)) is not None:
+        return done
     with hold(out, cfg.runtime.lock_lease_s):
         return _generate(cfg, store, out, rows, data_stats, constitution_hash)
 
 
 def _generate(cfg: Config, store: Store, out: Path, rows: list[dict], data_stats: dict,
               constitution_hash: str) -> dict:
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():  # finished by a driver that held the lock just before us
-        return json.loads(manifest_path.read_text())
-    chains = out / "chains"
-    chains.mkdir(parents=True, exist_ok=True)
+    if (finished_earlier := finished(out)) is not None:  # by a driver that held the lock just before us
+        return finished_earlier
+    chains = Parts(out / "chains", CHAIN_SCHEMA)
     write_atomic(out / "config.yaml", to_yaml(cfg))
-    done, unreadable = _done_ids(chains)
+    done, unreadable = chains.done_ids()
     todo = [{"id": r["id"], "prompt": r["prompt"], "purpose": r["purpose"]} for r in rows if r["id"] not in done]
     if done:
         console.say(f"   resuming: {len(done)} of {len(rows)} prompts done earlier, {len(todo)} to go")
     run_stats = _stream_chains(cfg, todo, chains, store) if todo else {"rows": 0, "seconds": 0.0,
                                                                         "completion_tokens": 0}
-    wanted = {r["id"] for r in rows}
-    table = pq.read_table(chains)
-    table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(wanted))))
+    table, duplicates = chains.read(r["id"] for r in rows)
     summary = _finalize(cfg, out, table)
     summary.update(stage="generate", output=str(out), config_hash=out.name,
                    constitution_hash=constitution_hash, data=data_stats, mlflow_run_id=store.run_id,
-                   resumed_rows=len(done), unreadable_parts=unreadable, generated_rows=run_stats["rows"],
+                   resumed_rows=len(done), unreadable_parts=unreadable, duplicate_rows=duplicates, generated_rows=run_stats["rows"],
                    seconds=round(run_stats["seconds"], 2),
                    rows_per_s=round(run_stats["rows"] / max(run_stats["seconds"], 1e-9), 3),
                    completion_tokens=run_stats["completion_tokens"])
@@ -227,7 +183,7 @@ def _generate(cfg: Config, store: Store, out: Path, rows: list[dict], data_stats
         raise RuntimeError(f"generate: {summary['errors']} of {summary['chains']} rows failed "
                            f"(error rate {summary['error_rate']:.3f} > generate.max_error_rate="
                            f"{cfg.generate.max_error_rate}); see {out / 'rejects.parquet'}")
-    write_atomic(manifest_path, json.dumps(summary, indent=2))
+    write_manifest(out, summary)
     return summary
 
 

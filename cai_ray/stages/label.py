@@ -28,6 +28,7 @@ from cai_ray.data.prompts import load_prompts, prompt_id
 from cai_ray.evaluation.sets import check_training_prompts
 from cai_ray.files import write_atomic
 from cai_ray.locks import hold
+from cai_ray.parts import Parts, finished, write_manifest
 from cai_ray.tracking import Store, stage_run
 from cai_ray.train.sources import read_rows
 
@@ -202,21 +203,6 @@ def _stream(cfg: Config, rows: list[dict], models: tuple, store: Store, sink) ->
     return {"rows": done, "seconds": time.time() - start}
 
 
-def _done_ids(parts: Path) -> set[str]:
-    """Ids written by an earlier (possibly killed) run; half-written temp files are dropped."""
-    for tmp in parts.glob(".*.tmp"):
-        tmp.unlink()
-    return {i for part in sorted(parts.glob("part-*.parquet"))
-            for i in pq.read_table(part, columns=["id"]).column("id").to_pylist()}
-
-
-def _write_part(parts: Path, table: pa.Table) -> None:
-    # Rename is atomic: a SIGKILL leaves either a whole part or a temp file.
-    name = f"part-{time.time_ns()}-{os.getpid()}.parquet"
-    pq.write_table(table, parts / f".{name}.tmp")
-    os.replace(parts / f".{name}.tmp", parts / name)
-
-
 # ---------------------------------------------------------------- labels
 
 
@@ -294,8 +280,8 @@ def run(cfg: Config, store: Store, check: bool = False) -> dict:
     rows, data_stats = _harm_prompts(cfg)
     check_rows = _check_rows(cfg) if cfg.label.check else []
     out = stage_folder(cfg, "label")
-    if (out / "manifest.json").exists():
-        return json.loads((out / "manifest.json").read_text())
+    if (done := finished(out)) is not None:
+        return done
     with hold(out, cfg.runtime.lock_lease_s):
         return _label(cfg, store, out, constitution, models, rows, data_stats, check_rows)
 
@@ -307,27 +293,24 @@ def _label(cfg: Config, store: Store, out: Path, constitution, models: tuple, ro
         with stage_run(store, f"{cfg.name}-label-check", {"stage": "label-check"}) as child:
             measured = run_check(cfg, child, check_rows)
         store.set_tags({"check_verdict": measured["verdict"]})
-    parts = out / "rows"
-    parts.mkdir(parents=True, exist_ok=True)
+    parts = Parts(out / "rows", ROW_SCHEMA)
     write_atomic(out / "config.yaml", to_yaml(cfg))
-    done = _done_ids(parts)
+    done, unreadable = parts.done_ids()
     todo = [r for r in rows if r["id"] not in done]
     print(f"label: {len(rows)} harm prompts, {len(done)} already done, {len(todo)} to go -> {out}")
-    stats = _stream(cfg, todo, models, store, lambda t: _write_part(parts, t)) if todo else {"rows": 0,
-                                                                                          "seconds": 0.0}
-    table = pq.read_table(parts, schema=ROW_SCHEMA)
-    table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted({r["id"] for r in rows}))))
+    stats = _stream(cfg, todo, models, store, parts.write) if todo else {"rows": 0, "seconds": 0.0}
+    table, duplicates = parts.read(r["id"] for r in rows)
     summary = _finalize(cfg, out, table.to_pylist())
     summary.update(stage="label", output=str(out), config_hash=out.name, data=data_stats,
                    constitution_hash=constitution.hash, policy=_describe(models[0]),
                    feedback=_describe(models[1]), mlflow_run_id=store.run_id, resumed_rows=len(done),
-                   labelled_rows=stats["rows"], seconds=round(stats["seconds"], 2), check=measured)
+                   unreadable_parts=unreadable, duplicate_rows=duplicates, labelled_rows=stats["rows"], seconds=round(stats["seconds"], 2), check=measured)
     _report(store, out, summary)
     if summary["error_rate"] > cfg.label.max_error_rate:
         raise RuntimeError(f"label: {summary['dropped']['errors']} of {summary['rows']} rows failed (error rate "
                            f"{summary['error_rate']:.3f} > label.max_error_rate={cfg.label.max_error_rate}); "
                            f"see {out / 'rejects.parquet'}")
-    write_atomic(out / "manifest.json", json.dumps(summary, indent=2))
+    write_manifest(out, summary)
     return summary
 
 
