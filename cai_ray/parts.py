@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -91,7 +91,7 @@ class Parts:
         return table.take(keep), duplicates
 
 
-def finished(out: Path) -> Optional[dict]:
+def finished(out: Path) -> dict | None:
     """The summary of a stage that finished in ``out`` (its manifest is written last), else None."""
     path = out / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None

@@ -3,6 +3,7 @@ unreadable part, a leftover temp file, another schema and a full disk."""
 
 import errno
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,7 +85,7 @@ def test_a_full_disk_names_the_temp_file_and_leaves_none(tmp_path, monkeypatch):
     parts = Parts(tmp_path / "rows", SCHEMA)
 
     def full(table, where):
-        open(where, "wb").write(b"PAR1")  # what a write that ran out of space leaves
+        Path(where).write_bytes(b"PAR1")  # what a write that ran out of space leaves
         raise OSError(errno.ENOSPC, "IOError: No space left on device")  # pyarrow names no file
 
     monkeypatch.setattr(parts_module.pq, "write_table", full)
@@ -102,7 +103,7 @@ def test_a_stop_during_a_write_leaves_no_temp_file(tmp_path, monkeypatch):
     parts = Parts(tmp_path / "rows", SCHEMA)
 
     def stopped(table, where):
-        open(where, "wb").write(b"PAR1")
+        Path(where).write_bytes(b"PAR1")
         raise Stopped("SIGTERM")
 
     monkeypatch.setattr(parts_module.pq, "write_table", stopped)
