@@ -15,6 +15,21 @@ from cai_ray.constitution.chain import helpful_replies_async, run_chains_async
 from cai_ray.engines import make_engine
 
 
+class RowLedger:
+    """Rows the generate actors started, counted on the driver's node.  Ray retries the batches of
+    an actor whose node is lost on a new actor without telling the driver; started rows minus
+    written rows is how many were redone."""
+
+    def __init__(self):
+        self.started = 0
+
+    def add(self, rows: int) -> None:
+        self.started += rows
+
+    def total(self) -> int:
+        return self.started
+
+
 class RevisionActor:
     """``map_batches`` callable: prompts in, chains out -- critique/revision chains for
     ``harm`` prompts, one plain reply for ``helpful`` ones (a batch without a ``purpose``
@@ -24,8 +39,8 @@ class RevisionActor:
     so one bad batch never stops the job; the stage decides on the error rate.
     """
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, ledger=None):
+        self.cfg, self.ledger = cfg, ledger
         self.constitution = load_constitution(cfg.generate.constitution)
         # Chains run on the base model: no adapter, so vLLM starts without LoRA.
         self.engine = make_engine(cfg.model, cfg.engine, lora=False, share=cfg.generate.num_gpus_per_actor)
@@ -38,6 +53,8 @@ class RevisionActor:
     async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         g = self.cfg.generate
         prompts = batch.to_dict("records")
+        if self.ledger is not None:  # awaited: a batch started on a node that is then lost still counts
+            await self.ledger.add.remote(len(prompts))
         harm = [p for p in prompts if p.get("purpose", "harm") != "helpful"]
         helpful = [p for p in prompts if p.get("purpose", "harm") == "helpful"]
         rows = []

@@ -42,20 +42,23 @@ PROGRESS_EVERY = 256
 def _stream_chains(cfg: Config, todo: list[dict], chains: Parts, store: Store) -> dict:
     """Run the revision actors over ``todo`` with Ray Data, writing parts as they arrive."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from cai_ray.data.actors import RevisionActor
+    from cai_ray.data.actors import RevisionActor, RowLedger
     from cai_ray.runtime import init_ray, placement
 
     bar = console.progress("generate", total=len(todo), unit="rows")  # from here: Ray and actors start slowly
     init_ray(cfg)
     g = cfg.generate
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ledger = ray.remote(RowLedger).options(num_cpus=0, scheduling_strategy=here).remote()
     # Blocks of at most batch_size rows, each one batch (batch_size=None): with batch_size set,
     # Ray Data bundles blocks up to batch_size rows, so a task ran two blocks (a full batch and
     # a ragged one) and a kill lost up to twice the rows in flight per actor.
     ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // g.batch_size)))
     # The actor's __call__ is async: Ray Data runs up to batches_in_flight of its batches at once.
     pool = ray.data.ActorPoolStrategy(size=g.actors, max_concurrent_calls_per_actor=g.batches_in_flight)
-    ds = ds.map_batches(RevisionActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=None,
+    ds = ds.map_batches(RevisionActor, fn_constructor_kwargs={"cfg": cfg, "ledger": ledger}, batch_size=None,
                         batch_format="pandas", compute=pool, **placement("generate", g).ray_options())
     start, rows, tokens, last = time.time(), 0, 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -70,7 +73,10 @@ def _stream_chains(cfg: Config, todo: list[dict], chains: Parts, store: Store) -
             last = rows
     bar.done()
     elapsed = time.time() - start
-    return {"rows": rows, "seconds": elapsed, "completion_tokens": tokens}
+    redone = ray.get(ledger.total.remote()) - rows
+    if redone:
+        console.say(f"   {redone} rows were redone: their actor was lost (a node gone?) and Ray retried them")
+    return {"rows": rows, "seconds": elapsed, "completion_tokens": tokens, "redone": redone}
 
 
 def _finalize(cfg: Config, out: Path, table: pa.Table) -> dict:
@@ -169,12 +175,13 @@ def _generate(cfg: Config, store: Store, out: Path, rows: list[dict], data_stats
     if done:
         console.say(f"   resuming: {len(done)} of {len(rows)} prompts done earlier, {len(todo)} to go")
     run_stats = _stream_chains(cfg, todo, chains, store) if todo else {"rows": 0, "seconds": 0.0,
-                                                                        "completion_tokens": 0}
+                                                                        "completion_tokens": 0, "redone": 0}
     table, duplicates = chains.read(r["id"] for r in rows)
     summary = _finalize(cfg, out, table)
     summary.update(stage="generate", output=str(out), config_hash=out.name,
                    constitution_hash=constitution_hash, data=data_stats, mlflow_run_id=store.run_id,
-                   resumed_rows=len(done), unreadable_parts=unreadable, duplicate_rows=duplicates, generated_rows=run_stats["rows"],
+                   resumed_rows=len(done), unreadable_parts=unreadable, duplicate_rows=duplicates,
+                   generated_rows=run_stats["rows"], redone_rows=run_stats["redone"],
                    seconds=round(run_stats["seconds"], 2),
                    rows_per_s=round(run_stats["rows"] / max(run_stats["seconds"], 1e-9), 3),
                    completion_tokens=run_stats["completion_tokens"])
