@@ -20,6 +20,11 @@ few-shot dialogue) and stop strings (``stops_for("initial")``):
               "prefix caching" recipe of the transformers docs.  Rows are laid out as ours are:
               [shared prefix | left padding | own tokens].
 
+A last check on the base model shows one thing generate does differently: for 8 prompts, one row
+per call, the stop string is the row's own 2nd-3rd greedy tokens' text and min_new_tokens=8; ours
+(like vLLM) looks for stop strings only past min_new_tokens, generate's ``StopStringCriteria`` from
+the first token.  It prints how many rows each ended before 8 tokens.
+
 The variants run back to back inside each repeat, so load from other work hits them alike; the
 table gives the median of --repeats.  "same tokens" counts rows whose generated token ids equal
 ours (generate's trailing pad after a row finished is ignored; any other extra token is a mismatch).
@@ -107,6 +112,25 @@ def same(ours: list[int], theirs: list[int], pad: int) -> bool:
     return theirs[:n] == ours and all(t == pad for t in theirs[n:])
 
 
+def floor_check(engine, prompts: list[str], ours: dict[str, list[int]], floor: int = 8) -> tuple[int, int]:
+    """Rows that end before ``floor`` tokens under (ours, generate) with ``min_new_tokens=floor`` and a
+    stop string the row's own greedy reply holds within its first tokens (its 2nd and 3rd tokens'
+    text): vLLM and ours look for stop strings only past min_new_tokens."""
+    from cai_ray.config import SamplingConfig
+
+    params = SamplingConfig(temperature=0.0, max_new_tokens=2 * floor, min_new_tokens=floor)
+    early = [0, 0]
+    for p in prompts:
+        word = engine.tokenizer.decode(ours[p][1:3]).strip()
+        if not word:
+            continue
+        mine = engine.generate([p], params, stop=[word])[0]
+        _, theirs = run_hf(engine, [p], params, 1, [word], prefix=False)
+        early[0] += mine.completion_tokens < floor
+        early[1] += sum(t != engine.pad_id for t in theirs[p]) < floor
+    return early[0], early[1]
+
+
 def bench(flavour: str, root: Path, args, floor: int) -> list[dict]:
     from cai_ray.config import EngineConfig, ModelConfig, SamplingConfig
     from cai_ray.constitution.format import stops_for
@@ -134,6 +158,10 @@ def bench(flavour: str, root: Path, args, floor: int) -> list[dict]:
         rows.append({"model": f"{flavour} (min {floor})", "name": name, "s": med, "rows_s": len(prompts) / med,
                      "tok_s": tokens / med, "same": match, "n": len(prompts),
                      "ratio": statistics.median(times["ours"]) / med})
+    if flavour == "base":
+        subset = prompts[:8]
+        rows[0]["early"], rows[1]["early"] = floor_check(engine, subset, ours)
+        rows[0]["early_n"] = len(subset)
     engine.close()
     return rows
 
@@ -162,6 +190,9 @@ def main() -> None:
         print(f"{r['model']:<14} {r['name']:<10} {r['same']:>5}/{r['n']:<5} {r['s']:>8.2f} {r['rows_s']:>7.1f} "
               f"{r['tok_s']:>7.0f} {1 / r['ratio']:>9.2f}")
     print("ours/this: this variant's seconds over ours (> 1: ours is faster)")
+    base = rows[0]
+    print(f"stop string inside min_new_tokens=8 (each row's own 2nd-3rd token text): rows ended before "
+          f"8 tokens: ours {base['early']}/{base['early_n']}, generate {rows[1]['early']}/{base['early_n']}")
 
 
 if __name__ == "__main__":
