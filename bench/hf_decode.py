@@ -184,12 +184,12 @@ def main() -> None:
     print(f"\n{args.prompts} initial-step prompts (few_shot=1), batch {args.batch_size}, greedy, "
           f"max_new_tokens {args.tokens}, {args.threads} torch thread(s), "
           f"median of {args.repeats}; load1 {load:.2f} -> {os.getloadavg()[0]:.2f}")
-    head = f"{'model':<14} {'variant':<10} {'same tokens':>11} {'median s':>8} {'rows/s':>7} {'tok/s':>7} {'ours/this':>9}"
+    head = f"{'model':<14} {'variant':<10} {'same tokens':>11} {'median s':>8} {'rows/s':>7} {'tok/s':>7} {'time/ours':>9}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
         print(f"{r['model']:<14} {r['name']:<10} {r['same']:>5}/{r['n']:<5} {r['s']:>8.2f} {r['rows_s']:>7.1f} "
               f"{r['tok_s']:>7.0f} {1 / r['ratio']:>9.2f}")
-    print("ours/this: this variant's seconds over ours (> 1: ours is faster)")
+    print("time/ours: this variant's median seconds over ours (> 1: ours is faster)")
     base = rows[0]
     print(f"stop string inside min_new_tokens=8 (each row's own 2nd-3rd token text): rows ended before "
           f"8 tokens: ours {base['early']}/{base['early_n']}, generate {rows[1]['early']}/{base['early_n']}")
