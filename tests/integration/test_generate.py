@@ -58,6 +58,7 @@ def test_generate_writes_chains_sft_pairs_helpful_and_error_rows(tmp_path, tiny_
     assert len(helpful) == 3 and all(r["rounds"] == [] and r["initial_finish"] == "stop" for r in helpful)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["errors"] == 1 and manifest["chains"] == 14
+    assert manifest["redone_rows"] == 0 and manifest["duplicate_rows"] == 0   # no actor lost, no id twice
     assert manifest["prompts"] == {"harm": 11, "helpful": 3} and manifest["data"]["purpose"] == manifest["prompts"]
     assert manifest["finish"]["initial"]["length"] == 0 and manifest["finish"]["initial"]["error"] == 1
     assert manifest["sft_rows"] + manifest["helpful_rows"] + manifest["rejects"] == 14
