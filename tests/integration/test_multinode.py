@@ -119,13 +119,16 @@ def _nodes_by_resource(dashboard: str) -> dict[str, str]:
 
 
 def _placed(dashboard: str) -> dict[str, set[str]]:
-    """Kind of work -> the nodes (by their resource) its actors ran on, dead actors included."""
+    """Kind of work -> the nodes (by their resource) its actors ran on, dead actors included; an
+    actor that was never placed on a node is not counted."""
     from ray.util.state import list_actors
 
     where = _nodes_by_resource(dashboard)
     kinds = {"RevisionActor": "generate", "RayTrainWorker": "train", "JudgeDeployment": "judge"}
     out: dict[str, set[str]] = {kind: set() for kind in kinds.values()}
     for actor in list_actors(address=dashboard, detail=True, limit=10000, raise_on_missing_output=False):
+        if not actor.node_id:  # removed while still pending (CI saw one once): it ran nowhere
+            continue
         for marker, kind in kinds.items():
             if marker in actor.class_name or marker in (actor.repr_name or "") or marker in (actor.name or ""):
                 out[kind].add(where.get(actor.node_id, "?"))
