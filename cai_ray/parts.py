@@ -97,5 +97,13 @@ def finished(out: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def check_error_rate(out: Path, stage: str, errors: int, rows: int, rate: float, limit: float) -> None:
+    """One line, naming the rejects file, when more rows failed than ``{stage}.max_error_rate``
+    allows; the stage then writes no manifest and stays unfinished."""
+    if rate > limit:
+        raise RuntimeError(f"{stage}: {errors} of {rows} rows failed (error rate {rate:.3f} > "
+                           f"{stage}.max_error_rate={limit}); see {out / 'rejects.parquet'}")
+
+
 def write_manifest(out: Path, summary: dict) -> None:
     write_atomic(out / MANIFEST, json.dumps(summary, indent=2) + "\n")

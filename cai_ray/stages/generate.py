@@ -20,7 +20,7 @@ from cai_ray.data.prompts import load_prompts
 from cai_ray.evaluation.sets import check_training_prompts
 from cai_ray.files import write_atomic
 from cai_ray.locks import hold
-from cai_ray.parts import Parts, finished, write_manifest
+from cai_ray.parts import Parts, check_error_rate, finished, write_manifest
 from cai_ray.tracking import Store
 
 # Each step keeps its finish: stop, length (cut at max_new_tokens), empty or error.  These
@@ -186,10 +186,8 @@ def _generate(cfg: Config, store: Store, out: Path, rows: list[dict], data_stats
                    rows_per_s=round(run_stats["rows"] / max(run_stats["seconds"], 1e-9), 3),
                    completion_tokens=run_stats["completion_tokens"])
     _report(store, out, summary)
-    if summary["error_rate"] > cfg.generate.max_error_rate:
-        raise RuntimeError(f"generate: {summary['errors']} of {summary['chains']} rows failed "
-                           f"(error rate {summary['error_rate']:.3f} > generate.max_error_rate="
-                           f"{cfg.generate.max_error_rate}); see {out / 'rejects.parquet'}")
+    check_error_rate(out, "generate", summary["errors"], summary["chains"], summary["error_rate"],
+                     cfg.generate.max_error_rate)
     write_manifest(out, summary)
     return summary
 

@@ -28,7 +28,7 @@ from cai_ray.data.prompts import load_prompts, prompt_id
 from cai_ray.evaluation.sets import check_training_prompts
 from cai_ray.files import write_atomic
 from cai_ray.locks import hold
-from cai_ray.parts import Parts, finished, write_manifest
+from cai_ray.parts import Parts, check_error_rate, finished, write_manifest
 from cai_ray.tracking import Store, stage_run
 from cai_ray.train.sources import read_rows
 
@@ -306,10 +306,8 @@ def _label(cfg: Config, store: Store, out: Path, constitution, models: tuple, ro
                    feedback=_describe(models[1]), mlflow_run_id=store.run_id, resumed_rows=len(done),
                    unreadable_parts=unreadable, duplicate_rows=duplicates, labelled_rows=stats["rows"], seconds=round(stats["seconds"], 2), check=measured)
     _report(store, out, summary)
-    if summary["error_rate"] > cfg.label.max_error_rate:
-        raise RuntimeError(f"label: {summary['dropped']['errors']} of {summary['rows']} rows failed (error rate "
-                           f"{summary['error_rate']:.3f} > label.max_error_rate={cfg.label.max_error_rate}); "
-                           f"see {out / 'rejects.parquet'}")
+    check_error_rate(out, "label", summary["dropped"]["errors"], summary["rows"], summary["error_rate"],
+                     cfg.label.max_error_rate)
     write_manifest(out, summary)
     return summary
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cai_ray import parts as parts_module
-from cai_ray.parts import Parts, finished, write_manifest
+from cai_ray.parts import Parts, check_error_rate, finished, write_manifest
 
 SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("n", pa.int64())])
 
@@ -118,3 +118,11 @@ def test_the_manifest_marks_a_finished_stage(tmp_path):
     assert finished(tmp_path) == {"rows": 3, "duplicate_rows": 0}
     assert json.loads((tmp_path / "manifest.json").read_text())["rows"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"], "no temp file left"
+
+
+def test_more_failed_rows_than_the_limit_is_one_line_naming_the_rejects(tmp_path):
+    check_error_rate(tmp_path, "label", 2, 10, 0.2, 0.2)  # at the limit: finishes
+    with pytest.raises(RuntimeError) as failed:
+        check_error_rate(tmp_path, "label", 3, 10, 0.3, 0.2)
+    assert str(failed.value) == (f"label: 3 of 10 rows failed (error rate 0.300 > label.max_error_rate=0.2); "
+                                 f"see {tmp_path / 'rejects.parquet'}")
