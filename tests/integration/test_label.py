@@ -25,10 +25,13 @@ def _args(root: Path, model: str, *extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory, tiny_eos):
+def labelled(tmp_path_factory, tiny_eos, tiny_base):
     # The terse tiny model: its replies end (EOS) before max_new_tokens, and cut replies never become pairs.
+    # It does not judge them: its EOS coordinate swamps the comparison, so P(A) depends on the principle
+    # alone, both orders tie at exactly 0.5 and a pair came only from rounding noise.  The random base
+    # model is the feedback model.
     root = tmp_path_factory.mktemp("label")
-    args = _args(root, tiny_eos)
+    args = _args(root, tiny_eos, f"label.feedback={tiny_base}")
     sft = cai("sft", *args)
     assert sft.returncode == 0, sft.stderr[-3000:]
     done = cai("label", *args)
