@@ -1,4 +1,5 @@
-"""Small helpers the test files share: the CLI as a subprocess, free loopback ports, JSONL files."""
+"""Small helpers the test files share: the CLI as a subprocess, free loopback ports, JSONL files, and
+whether Ray Train has registered a checkpoint."""
 
 import json
 import socket
@@ -33,3 +34,13 @@ def free_port() -> int:
 def jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def has_checkpoint(snapshot: Path) -> bool:
+    """Whether Ray Train's controller has registered a checkpoint in ``snapshot``
+    (``checkpoint_manager_snapshot.json``): one whose files are uploaded but not yet registered is
+    not restored, and a resume starts from the one before."""
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (OSError, ValueError):
+        return False  # being written

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import ROOT, cai
+from tests.helpers import ROOT, cai, has_checkpoint
 
 STOP_S = 45
 N = 40
@@ -37,13 +37,6 @@ def _wait_for(pattern: Path, glob: str, proc, count=1, timeout=300, ready=lambda
             return found
         time.sleep(0.2)
     raise AssertionError(f"{glob} never appeared (exit {proc.poll()}): {proc.stderr.read() if proc.poll() else ''}")
-
-
-def _has_checkpoint(snapshot: Path) -> bool:
-    try:
-        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
-    except (OSError, ValueError):
-        return False  # being written
 
 
 def _sigterm(proc) -> tuple[int, list[str], float]:
@@ -113,7 +106,7 @@ def test_sft_stops_on_sigterm_and_the_rerun_continues_from_its_checkpoint(tmp_pa
     # Registered, not just uploaded: a checkpoint whose files are in storage but which Ray Train's
     # controller has not yet recorded is not restored, and the rerun starts from the one before.
     _wait_for(tmp_path / "out" / "ray_storage", "*/checkpoint_manager_snapshot.json", proc, timeout=400,
-              ready=_has_checkpoint)
+              ready=has_checkpoint)
     code, err, took = _sigterm(proc)
     assert code == 143, err
     assert err[-1].startswith("cai-ray: stopped by SIGTERM at a safe point after "), err

@@ -25,7 +25,7 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import ROOT, free_port, free_ports
+from tests.helpers import ROOT, free_port, free_ports, has_checkpoint
 
 # Small but complete: every stage of the pipeline runs, each briefly.
 # The EOS model's replies end after two tokens, so they are not screened out as cut and SFT has rows.
@@ -240,13 +240,6 @@ def test_a_resource_no_node_offers_fails_within_the_timeout(cluster, tmp_path, t
     assert not list((tmp_path / "generate").glob("*/chains/part-*"))
 
 
-def _has_checkpoint(snapshot: Path) -> bool:
-    try:  # registered by Ray Train's controller, not just uploaded: only then is it restored
-        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
-    except (OSError, ValueError):
-        return False  # being written
-
-
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as reply:
@@ -262,7 +255,7 @@ def _lose_a_node_in_each_stage(cluster: Cluster, proc: subprocess.Popen, out: Pa
     one, and registers while the stage goes on."""
     moments = {
         "generate": ("generate", lambda: any(out.glob("generate/*/chains/part-*"))),
-        "sft": ("train", lambda: any(_has_checkpoint(p) for p in out.glob("ray_storage/sft-*/checkpoint_manager_snapshot.json"))),
+        "sft": ("train", lambda: any(has_checkpoint(p) for p in out.glob("ray_storage/sft-*/checkpoint_manager_snapshot.json"))),
         # Once the app answers: a replica lost while Serve still starts the app fails the start
         # (one try: max_constructor_retry_count in judge/serve.py) and the evaluate rerun resumes.
         "evaluate": ("judge", lambda: _answers(f"http://127.0.0.1:{port}/judge/healthz")
