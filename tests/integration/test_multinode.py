@@ -250,8 +250,8 @@ def _answers(url: str) -> bool:
 
 def _lose_a_node_in_each_stage(cluster: Cluster, proc: subprocess.Popen, out: Path, port: int) -> dict[str, str]:
     """Stage -> the node lost in it: a gen node while generate actors hold batches, the trn node of
-    the SFT workers once their first checkpoint is registered, a gen node of a judge replica while
-    evaluate rates.  A node of the same name starts at once, as an autoscaler replaces a reclaimed
+    the SFT workers once their first checkpoint is registered, a gen node of a judge replica once the
+    judge answers (evaluate's judge check, then its rating, run on it).  A node of the same name starts at once, as an autoscaler replaces a reclaimed
     one, and registers while the stage goes on."""
     moments = {
         "generate": ("generate", lambda: any(out.glob("generate/*/chains/part-*"))),
